@@ -1,0 +1,492 @@
+"""Host-side bookkeeping of method M2's hard-example loop (METHODS.md M2 steps 3-7).
+
+Seed 001: after training on the first training set, "test the remaining samples of each
+classified sample set with the trained model and remove the correctly classified ones; judge
+whether the number of remaining samples meets a preset condition; if not, draw m samples from
+each classified sample set by norm value, add them to the first training set, train again, and
+go back to testing".
+
+Everything here is pure host-side numpy except ``run_selection_loop``, which calls the
+caller's training, prediction and selection callables. A ``SelectionState`` converts to a
+flat dict of numpy arrays and ints (``state_to_dict``) for checkpointing; the driver resumes
+from a restored state at the round where it stopped.
+
+Label budget: the budget counts training-set samples (labels used for training). Step 5's
+correctness test reads the labels of the pool, as the patent does (its sample set is labelled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from research.norm_selection import core
+
+STOP_REASONS = (
+  "pool_empty",
+  "label_budget",
+  "max_rounds",
+  "max_remaining_per_class",
+  "max_remaining_fraction",
+  "selection_empty",
+)
+ROUND_RECORD_KEYS = (
+  "round",
+  "num_labels",
+  "num_new",
+  "num_tested",
+  "num_correct",
+  "num_remaining",
+)
+_HISTORY_PREFIX = "history."
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SelectionState:
+  """State of the selection loop between rounds (host-side numpy; compare via ``state_to_dict``).
+
+  Attributes:
+    labels: ``[N]`` int64 true class labels (Step 5's correctness test).
+    groups: ``[N]`` int64 group ids used for per-class selection and stop conditions (the
+      labels, or k-means clusters for an unlabelled pool; METHODS.md M2 step 1).
+    num_groups: number of groups ``G``.
+    train_indices: ``[T]`` int64 training-set indices in the order they were added, distinct.
+    remaining: ``[N]`` bool, True for samples still in the pool (neither drawn nor removed).
+    removed: ``[N]`` bool, True for pool samples removed as correctly classified (Step 5).
+    round: number of completed rounds (draw + train + test).
+    history: one record per completed round: ``ROUND_RECORD_KEYS`` ints plus the caller's
+      evaluation metrics (floats).
+    stop_reason: None while running, else one of ``STOP_REASONS``.
+  """
+
+  labels: np.ndarray
+  groups: np.ndarray
+  num_groups: int
+  train_indices: np.ndarray
+  remaining: np.ndarray
+  removed: np.ndarray
+  round: int = 0
+  history: tuple[dict[str, Any], ...] = ()
+  stop_reason: str | None = None
+
+
+def initial_state(labels, *, groups=None, num_groups=None, pool_mask=None) -> SelectionState:
+  """The state before the first draw: empty training set, the whole pool remaining.
+
+  Args:
+    labels: ``[N]`` non-negative integer class labels.
+    groups: ``[N]`` group ids for balanced selection (default: ``labels``); e.g. k-means
+      clusters from ``core.group_ids``.
+    num_groups: explicit number of groups (each id in ``[0, num_groups)`` must occur);
+      default ``max(groups) + 1``.
+    pool_mask: ``[N]`` bool, the samples that form the pool (default: all).
+
+  Returns:
+    The initial ``SelectionState``.
+
+  Raises:
+    ValueError: bad labels, groups, ``num_groups`` or ``pool_mask``.
+  """
+  labels, _ = core.validate_class_ids(labels, None)
+  groups = labels if groups is None else np.asarray(groups)
+  if groups.shape != labels.shape:
+    raise ValueError(
+      f"groups with shape {groups.shape} is not allowed: groups must match labels {labels.shape}"
+    )
+  groups, num_groups = core.validate_class_ids(groups, num_groups, name="groups")
+  pool = np.ones(labels.shape, bool) if pool_mask is None else np.asarray(pool_mask)
+  core.validate_candidate_mask(pool, labels.size)
+  return SelectionState(
+    labels=labels,
+    groups=groups,
+    num_groups=num_groups,
+    train_indices=np.zeros((0,), np.int64),
+    remaining=pool.copy(),
+    removed=np.zeros(labels.shape, bool),
+  )
+
+
+def pool_indices(state: SelectionState) -> np.ndarray:
+  """``[P]`` int64 indices of the remaining pool, ascending (the order ``predict_fn`` sees)."""
+  return np.flatnonzero(state.remaining).astype(np.int64)
+
+
+def add_samples(state: SelectionState, new_indices) -> SelectionState:
+  """Adds drawn samples to the training set and takes them out of the pool.
+
+  METHODS.md M2 step 3 (first training set) and step 7 (add m more per class).
+
+  Args:
+    state: current state.
+    new_indices: ``[S]`` distinct indices, all in the remaining pool.
+
+  Returns:
+    The state with ``new_indices`` appended to ``train_indices`` (in the given order).
+
+  Raises:
+    ValueError: duplicates, or indices out of range, already trained on or removed.
+  """
+  new = np.asarray(new_indices)
+  if new.ndim != 1 or (new.size and not np.issubdtype(new.dtype, np.integer)):
+    raise ValueError(
+      f"new_indices with shape {new.shape} and dtype {new.dtype} is not allowed: "
+      "new_indices must be a 1-D integer array"
+    )
+  new = new.astype(np.int64)
+  num = state.remaining.size
+  if new.size and (new.min() < 0 or new.max() >= num):
+    raise ValueError(f"new_indices={new.tolist()} is not allowed: indices must be in [0, {num})")
+  unique, counts = np.unique(new, return_counts=True)
+  if np.any(counts > 1):
+    raise ValueError(
+      f"new_indices with duplicates {unique[counts > 1].tolist()} is not allowed: a sample "
+      "can be drawn only once"
+    )
+  outside = new[~state.remaining[new]]
+  if outside.size:
+    raise ValueError(
+      f"new_indices {outside.tolist()} is not allowed: they are not in the remaining pool "
+      "(already in the training set, removed as correctly classified, or never in the pool)"
+    )
+  remaining = state.remaining.copy()
+  remaining[new] = False
+  return dataclasses.replace(
+    state, train_indices=np.concatenate([state.train_indices, new]), remaining=remaining
+  )
+
+
+def remove_correct(state: SelectionState, predictions_on_pool) -> SelectionState:
+  """Removes the correctly classified samples from the pool.
+
+  METHODS.md M2 step 5 (seed 001: "test the remaining samples ... to remove the samples whose
+  class is judged correctly").
+
+  Args:
+    state: current state.
+    predictions_on_pool: ``[P]`` predicted class ids, or ``[P, K]`` logits/probabilities
+      (argmax), for ``pool_indices(state)`` in that order.
+
+  Returns:
+    The state with correct pool samples moved from ``remaining`` to ``removed``.
+
+  Raises:
+    ValueError: predictions not aligned with the pool.
+  """
+  pool = pool_indices(state)
+  preds = np.asarray(predictions_on_pool)
+  if preds.ndim == 2:
+    preds = np.argmax(preds, axis=1)
+  if preds.shape != pool.shape:
+    raise ValueError(
+      f"predictions_on_pool with shape {np.shape(predictions_on_pool)} is not allowed: it must "
+      f"be [P] class ids or [P, K] scores for the P={pool.size} remaining pool samples"
+    )
+  correct = pool[preds == state.labels[pool]]
+  remaining, removed = state.remaining.copy(), state.removed.copy()
+  remaining[correct] = False
+  removed[correct] = True
+  return dataclasses.replace(state, remaining=remaining, removed=removed)
+
+
+def _optional_count(name: str, value, minimum: int) -> None:
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+    raise ValueError(f"{name}={value!r} is not allowed: {name} must be None or an int >= {minimum}")
+
+
+def validate_stop_kwargs(
+  *, max_remaining_per_class=None, max_remaining_fraction=None, label_budget=None, max_rounds=None
+) -> None:
+  """Checks the stop-condition settings of ``stop_reason`` (see there)."""
+  _optional_count("max_remaining_per_class", max_remaining_per_class, 0)
+  _optional_count("label_budget", label_budget, 1)
+  _optional_count("max_rounds", max_rounds, 1)
+  if max_remaining_fraction is not None and (
+    isinstance(max_remaining_fraction, bool)
+    or not isinstance(max_remaining_fraction, numbers.Real)
+    or not 0.0 <= max_remaining_fraction <= 1.0
+  ):
+    raise ValueError(
+      f"max_remaining_fraction={max_remaining_fraction!r} is not allowed: "
+      "max_remaining_fraction must be None or a number in [0, 1]"
+    )
+
+
+def stop_reason(
+  state: SelectionState,
+  *,
+  max_remaining_per_class=None,
+  max_remaining_fraction=None,
+  label_budget=None,
+  max_rounds=None,
+) -> str | None:
+  """The preset stop condition that holds for ``state``, or None to go on.
+
+  METHODS.md M2 step 6 (seed 001: "judge whether the number of remaining samples in each
+  classified sample set meets a preset condition"). Conditions, checked in this order (the
+  first that holds is returned); None disables a condition:
+
+  * ``'pool_empty'``: no sample left in the pool (always on);
+  * ``'label_budget'``: the training set holds ``>= label_budget`` samples;
+  * ``'max_rounds'``: ``state.round >= max_rounds``;
+  * ``'max_remaining_per_class'``: every group has ``<= max_remaining_per_class`` samples left
+    in the pool (the patent's per-class condition, ``tau``);
+  * ``'max_remaining_fraction'``: every group has ``<= max_remaining_fraction`` times its
+    original pool size left (original pool = remaining + removed + training set).
+
+  Args:
+    state: current state.
+    max_remaining_per_class: ``tau``, int >= 0.
+    max_remaining_fraction: fraction in [0, 1].
+    label_budget: int >= 1.
+    max_rounds: int >= 1.
+
+  Returns:
+    One of ``STOP_REASONS`` or None.
+
+  Raises:
+    ValueError: a setting out of range.
+  """
+  validate_stop_kwargs(
+    max_remaining_per_class=max_remaining_per_class,
+    max_remaining_fraction=max_remaining_fraction,
+    label_budget=label_budget,
+    max_rounds=max_rounds,
+  )
+  left = np.bincount(state.groups[state.remaining], minlength=state.num_groups)
+  if left.sum() == 0:
+    return "pool_empty"
+  if label_budget is not None and state.train_indices.size >= label_budget:
+    return "label_budget"
+  if max_rounds is not None and state.round >= max_rounds:
+    return "max_rounds"
+  if max_remaining_per_class is not None and np.all(left <= max_remaining_per_class):
+    return "max_remaining_per_class"
+  if max_remaining_fraction is not None:
+    original = state.remaining | state.removed
+    original[state.train_indices] = True
+    original_left = np.bincount(state.groups[original], minlength=state.num_groups)
+    if np.all(left <= max_remaining_fraction * original_left):
+      return "max_remaining_fraction"
+  return None
+
+
+def truncate_per_class(indices, groups, max_count: int) -> np.ndarray:
+  """Cuts a draw to ``max_count`` samples, fairly across groups.
+
+  Picks are taken in rounds: the first pick of every group (ascending group id), then the
+  second pick of every group, and so on, until ``max_count`` is reached. Each group keeps a
+  prefix of its own picks (for ``core.select_per_class`` with the default ``a`` this prefix is
+  exactly the rule's choice at the smaller per-class count), and the groups' kept counts differ
+  by at most one unless a group had fewer picks. The kept indices keep their original order.
+
+  Args:
+    indices: ``[S]`` drawn indices, each group's picks in priority order.
+    groups: ``[N]`` group ids.
+    max_count: the most samples to keep (<= 0 keeps none).
+
+  Returns:
+    ``[min(S, max(max_count, 0))]`` int64 indices.
+  """
+  indices = np.asarray(indices, np.int64)
+  if max_count >= indices.size:
+    return indices
+  group = np.asarray(groups)[indices]
+  by_group = np.argsort(group, kind="stable")
+  rank = np.empty(indices.size, np.int64)
+  rank[by_group] = core.rank_within_blocks(group[by_group])
+  keep = np.zeros(indices.size, bool)
+  keep[np.lexsort((group, rank))[: max(max_count, 0)]] = True
+  return indices[keep]
+
+
+def norm_select_fn(norms, m: int, a=None) -> Callable[[SelectionState, Any], np.ndarray]:
+  """The method's ``select_fn`` for ``run_selection_loop``: ``core.select_per_class`` on the pool.
+
+  METHODS.md M2 steps 3 and 7: up to ``m`` samples per group, nearest the group's mean norm
+  over its current pool.
+
+  Args:
+    norms: ``[N]`` norm values (``core.norm_values``).
+    m: samples per group and round.
+    a: samples from the upper side (default ``ceil(m / 2)``).
+
+  Returns:
+    ``select_fn(state, params) -> indices`` (``params`` unused).
+  """
+  norms = np.asarray(norms)
+
+  def select_fn(state: SelectionState, params) -> np.ndarray:
+    del params  # The norm rule does not depend on the model.
+    return core.select_per_class(
+      norms, state.groups, state.remaining, m, a, num_classes=state.num_groups
+    )
+
+  return select_fn
+
+
+def _round_record(state, num_new, num_tested, num_correct, metrics) -> dict[str, Any]:
+  record = {
+    "round": state.round,
+    "num_labels": int(state.train_indices.size),
+    "num_new": int(num_new),
+    "num_tested": int(num_tested),
+    "num_correct": int(num_correct),
+    "num_remaining": int(state.remaining.sum()),
+  }
+  clash = sorted(set(metrics) & set(record))
+  if clash:
+    raise ValueError(
+      f"eval_fn metrics {clash} are not allowed: they clash with the round record's keys "
+      f"{ROUND_RECORD_KEYS}"
+    )
+  record.update({name: float(value) for name, value in metrics.items()})
+  return record
+
+
+def run_selection_loop(
+  state: SelectionState,
+  *,
+  select_fn: Callable[[SelectionState, Any], Any],
+  train_fn: Callable[[np.ndarray, Any], Any],
+  predict_fn: Callable[[Any, np.ndarray], Any],
+  stop_kwargs: Mapping[str, Any] | None = None,
+  params=None,
+  warm_start: bool = True,
+  eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
+  on_round_end: Callable[[SelectionState, Any], None] | None = None,
+) -> tuple[SelectionState, Any]:
+  """Runs selection rounds until a stop condition holds.
+
+  METHODS.md M2 steps 3-7. Each round: ``select_fn`` draws from the pool (step 3, or step 7
+  after the first round); the draw is cut to the label budget if needed
+  (``truncate_per_class``); the samples join the training set; ``train_fn`` trains (step 4,
+  warm-started from the previous round's params by default, from scratch when
+  ``warm_start=False``); ``predict_fn`` tests the remaining pool and the correct samples are
+  removed (step 5); the round is recorded, ``stop_reason`` is checked (step 6, only after a
+  round, so the first training set is always trained on) and ``on_round_end`` runs.
+
+  Resuming: ``on_round_end(state, params)`` sees the state after the round, stop reason
+  included; checkpoint ``state_to_dict(state)`` and ``params`` there, and pass the restored
+  state and params back in: the loop continues with the next round and, with deterministic
+  callables, ends in the same state as an uninterrupted run. A state that already has a stop
+  reason is returned unchanged. The callables must be deterministic functions of their
+  arguments for this (derive per-round keys from ``state.round``, e.g. with
+  ``jax.random.fold_in``).
+
+  Args:
+    state: the state to start from (``initial_state`` or a restored mid-loop state).
+    select_fn: ``(state, params) -> [S] indices`` from the remaining pool, each group's picks
+      in priority order (``params`` is None before the first training); e.g.
+      ``norm_select_fn``, or a ``core`` baseline wrapped likewise.
+    train_fn: ``(train_indices [T], warm_params or None) -> params``.
+    predict_fn: ``(params, indices [P]) -> [P] class ids or [P, K] scores``.
+    stop_kwargs: keyword arguments of ``stop_reason``; ``label_budget`` also caps every draw.
+    params: the params of the last completed round when resuming (required for a warm start
+      from a state with ``round > 0``).
+    warm_start: pass the previous params to ``train_fn`` (default) or None (from scratch).
+    eval_fn: optional ``params -> {name: float}`` metrics (e.g. test accuracy), stored in the
+      round record under the same keys every round.
+    on_round_end: optional ``(state, params) -> None`` hook after every completed round.
+
+  Returns:
+    ``(final state, params of the last round)``.
+
+  Raises:
+    ValueError: bad ``stop_kwargs``, a missing warm-start ``params`` on resume, or a draw that
+      is not in the pool.
+  """
+  stop_kwargs = dict(stop_kwargs or {})
+  validate_stop_kwargs(**stop_kwargs)
+  if state.stop_reason is not None:
+    return state, params
+  if warm_start and state.round > 0 and params is None:
+    raise ValueError(
+      f"params=None is not allowed when resuming at round {state.round} with warm_start=True: "
+      "pass the params checkpointed with the state (or warm_start=False)"
+    )
+  label_budget = stop_kwargs.get("label_budget")
+  while True:
+    new = np.asarray(select_fn(state, params), np.int64)
+    if label_budget is not None:
+      new = truncate_per_class(new, state.groups, label_budget - state.train_indices.size)
+    if new.size == 0:
+      return dataclasses.replace(state, stop_reason="selection_empty"), params
+    state = add_samples(state, new)
+    params = train_fn(state.train_indices, params if warm_start else None)
+    pool = pool_indices(state)
+    predictions = predict_fn(params, pool) if pool.size else np.zeros((0,), np.int64)
+    num_removed = int(state.removed.sum())
+    state = remove_correct(state, predictions)
+    num_correct = int(state.removed.sum()) - num_removed
+    metrics = eval_fn(params) if eval_fn is not None else {}
+    record = _round_record(state, new.size, pool.size, num_correct, metrics)
+    state = dataclasses.replace(state, round=state.round + 1, history=(*state.history, record))
+    state = dataclasses.replace(state, stop_reason=stop_reason(state, **stop_kwargs))
+    if on_round_end is not None:
+      on_round_end(state, params)
+    if state.stop_reason is not None:
+      return state, params
+
+
+def state_to_dict(state: SelectionState) -> dict[str, np.ndarray | int]:
+  """A flat dict of numpy arrays and ints (for Orbax or ``np.savez``).
+
+  The history becomes one array per record key, ``'history.<key>'``, one entry per round; the
+  stop reason is its index in ``STOP_REASONS`` (-1 for None).
+
+  Raises:
+    ValueError: history records with differing keys.
+  """
+  keys = list(state.history[0]) if state.history else list(ROUND_RECORD_KEYS)
+  for record in state.history:
+    if sorted(record) != sorted(keys):
+      raise ValueError(
+        f"history record keys {sorted(record)} are not allowed: every round must record the "
+        f"same keys {sorted(keys)}"
+      )
+  out: dict[str, np.ndarray | int] = {
+    "labels": state.labels,
+    "groups": state.groups,
+    "num_groups": int(state.num_groups),
+    "train_indices": state.train_indices,
+    "remaining": state.remaining,
+    "removed": state.removed,
+    "round": int(state.round),
+    "stop_reason": -1 if state.stop_reason is None else STOP_REASONS.index(state.stop_reason),
+  }
+  for key in keys:
+    column = [record[key] for record in state.history]
+    dtype = np.int64 if key in ROUND_RECORD_KEYS else np.float64
+    out[_HISTORY_PREFIX + key] = np.asarray(column, dtype)
+  return out
+
+
+def state_from_dict(data: Mapping[str, Any]) -> SelectionState:
+  """Inverse of ``state_to_dict`` (accepts arrays where ints were stored, as restored)."""
+  columns = {
+    key[len(_HISTORY_PREFIX) :]: np.asarray(value)
+    for key, value in data.items()
+    if key.startswith(_HISTORY_PREFIX)
+  }
+  num_records = len(columns["round"]) if "round" in columns else 0
+  history = tuple(
+    {key: column[i].item() for key, column in columns.items()} for i in range(num_records)
+  )
+  code = int(data["stop_reason"])
+  return SelectionState(
+    labels=np.asarray(data["labels"], np.int64),
+    groups=np.asarray(data["groups"], np.int64),
+    num_groups=int(data["num_groups"]),
+    train_indices=np.asarray(data["train_indices"], np.int64),
+    remaining=np.asarray(data["remaining"], bool),
+    removed=np.asarray(data["removed"], bool),
+    round=int(data["round"]),
+    history=history,
+    stop_reason=None if code < 0 else STOP_REASONS[code],
+  )
