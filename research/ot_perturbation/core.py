@@ -1,0 +1,571 @@
+"""Pure functions of M5: optimal-transport-matched perturbation training.
+
+METHODS.md M5 (seed 004, patent CN112215298A). The pieces, in the order of the patent steps:
+
+- step 2: :func:`perturbed_images` (and :func:`candidate_perturbations`) build perturbed sets.
+- step 4: :func:`cost_matrix` and :func:`feature_matching_distance`, the entropic-OT feature
+  matching distance ``D = <P*, C>`` between the standard and the perturbed vector sets.
+- step 5: :func:`ot_attack` (signed ascent on ``D``, the default) and
+  :func:`best_of_candidates` (the option) build the target perturbed set.
+- step 6: :func:`combined_loss`, ``loss1 + loss2``.
+- step 7: :func:`converged`, :class:`ConvergenceRule` and :func:`stop_reason`.
+
+Everything that runs per step is jit-compatible with fixed shapes; config-like arguments are
+validated up front (outside jit) with one ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ott.geometry import costs, pointcloud
+from ott.problems.linear import linear_problem
+from ott.solvers.linear import sinkhorn
+
+PERTURBATION_KINDS = ("uniform", "gaussian", "photometric")
+COST_KINDS = ("cosine", "sqeuclidean")
+RELATIVE_EPSILON_KINDS = (None, "mean")
+
+Array = jax.Array
+FeaturesFn = Callable[[Array], Array]
+TaskLossFn = Callable[[Any, Array, Any], tuple[Array, Mapping[str, Array]]]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers (host side).
+
+
+def _is_concrete_number(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_in_range(name: str, value: Any, low: float, high: float, allowed: str) -> None:
+  """Raises if a concrete number lies outside ``[low, high]``; traced values are not checked."""
+  if _is_concrete_number(value) and not (low <= value <= high and math.isfinite(value)):
+    raise ValueError(f"{name}={value} is not allowed: {name} must be {allowed}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+  if _is_concrete_number(value) and not (value > 0 and math.isfinite(value)):
+    raise ValueError(f"{name}={value} is not allowed: {name} must be a finite number > 0")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not allowed: {name} must be one of {allowed}")
+
+
+def _check_image_set(name: str, x: Array) -> None:
+  if x.ndim != 4:
+    raise ValueError(f"{name} has shape {x.shape}: it must be an image batch [B, H, W, C]")
+  if x.shape[0] == 0:
+    raise ValueError(f"{name} has shape {x.shape}: the image set is empty (B=0)")
+
+
+def _check_feature_set(name: str, f: Array) -> None:
+  if f.ndim != 2:
+    raise ValueError(f"{name} has shape {f.shape}: it must be a vector set [N, D]")
+  if f.shape[0] == 0:
+    raise ValueError(f"{name} has shape {f.shape}: the vector set is empty (N=0)")
+
+
+def check_finite(name: str, value: Any) -> None:
+  """Host-side check that an array (features, costs, a distance) has only finite entries.
+
+  Use outside jit, e.g. on ``aux['finite']``'s inputs or on fetched features; inside jit use
+  the ``finite`` flag returned by :func:`feature_matching_distance`.
+
+  Args:
+    name: what the array is, for the message.
+    value: array of any shape.
+
+  Raises:
+    ValueError: naming the array and how many of its entries are NaN or infinite.
+  """
+  arr = np.asarray(value)
+  bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+  if bad:
+    raise ValueError(
+      f"{name} has {bad} non-finite entries out of {arr.size}: features and costs must be "
+      "finite (check the model output and the perturbation radius)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: perturbed image sets.
+
+
+def _project(x_clean: Array, x_pert: Array, eps: float | Array) -> Array:
+  """Projection onto the L-inf ball of radius ``eps`` around ``x_clean``, then onto [0, 1]."""
+  return jnp.clip(jnp.clip(x_pert, x_clean - eps, x_clean + eps), 0.0, 1.0)
+
+
+def perturbed_images(
+  rng: Array, x: Array, *, kind: str = "uniform", eps: float | Array = 8.0 / 255.0
+) -> Array:
+  """Perturbed image set of METHODS.md M5 step 2.
+
+  Kinds (the patent's "determine the perturbed image set corresponding to the sample set"):
+
+  - ``'uniform'`` (default): random start ``x + U(-eps, eps)`` per pixel and channel.
+  - ``'gaussian'``: ``x + eps * N(0, 1)``, then projected onto the eps ball.
+  - ``'photometric'``: per-image brightness shift ``b ~ U(-eps, eps)`` and contrast factor
+    ``1 + c, c ~ U(-eps, eps)`` about the image mean, ``m + (1 + c) (x - m) + b``, then
+    projected onto the eps ball (so the eps bound holds for every kind).
+
+  Every kind is clipped to [0, 1] at the end.
+
+  Args:
+    rng: PRNG key.
+    x: clean images ``[B, H, W, C]`` in [0, 1].
+    kind: one of ``PERTURBATION_KINDS``.
+    eps: L-inf radius in the [0, 1] image scale (e.g. 8/255), >= 0.
+
+  Returns:
+    Perturbed images ``[B, H, W, C]`` with ``|x' - x| <= eps`` and values in [0, 1].
+  """
+  _check_choice("kind", kind, PERTURBATION_KINDS)
+  _check_in_range("eps", eps, 0.0, 1.0, "a number in [0, 1]")
+  _check_image_set("x", x)
+  if kind == "uniform":
+    noise = jax.random.uniform(rng, x.shape, x.dtype, minval=-eps, maxval=eps)
+    x_pert = x + noise
+  elif kind == "gaussian":
+    x_pert = x + eps * jax.random.normal(rng, x.shape, x.dtype)
+  else:
+    b_key, c_key = jax.random.split(rng)
+    per_image = (x.shape[0], 1, 1, 1)
+    brightness = jax.random.uniform(b_key, per_image, x.dtype, minval=-eps, maxval=eps)
+    contrast = jax.random.uniform(c_key, per_image, x.dtype, minval=-eps, maxval=eps)
+    mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+    x_pert = mean + (1.0 + contrast) * (x - mean) + brightness
+  return _project(x, x_pert, eps)
+
+
+def candidate_perturbations(
+  rng: Array, x: Array, num_candidates: int, *, kind: str = "uniform", eps: float = 8.0 / 255.0
+) -> Array:
+  """``num_candidates`` independent perturbed sets for :func:`best_of_candidates`.
+
+  Args:
+    rng: PRNG key.
+    x: clean images ``[B, H, W, C]`` in [0, 1].
+    num_candidates: number of candidate sets, >= 1.
+    kind: perturbation kind, see :func:`perturbed_images`.
+    eps: L-inf radius.
+
+  Returns:
+    Candidates ``[num_candidates, B, H, W, C]``.
+  """
+  if not isinstance(num_candidates, int) or num_candidates < 1:
+    raise ValueError(
+      f"num_candidates={num_candidates} is not allowed: num_candidates must be an int >= 1"
+    )
+  keys = jax.random.split(rng, num_candidates)
+  return jax.vmap(lambda k: perturbed_images(k, x, kind=kind, eps=eps))(keys)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 4: cost matrix, optimal transport plan and feature matching distance.
+
+
+def _cost_fn(kind: str) -> costs.CostFn:
+  _check_choice("cost", kind, COST_KINDS)
+  return costs.Cosine() if kind == "cosine" else costs.SqEuclidean()
+
+
+def cost_matrix(f: Array, g: Array, kind: str = "cosine") -> Array:
+  """Transport cost matrix ``C_ij = c(f_i, g_j)`` of METHODS.md M5 step 4.
+
+  ``'cosine'``: ``1 - <f_i, g_j> / (|f_i| |g_j| + 1e-8)`` (ott's ``costs.Cosine``, range
+  [0, 2]); ``'sqeuclidean'``: ``|f_i - g_j|^2``. This is exactly the matrix the ott geometry in
+  :func:`feature_matching_distance` uses. Note: the cosine gradient is NaN at an all-zero
+  feature vector (the norm is not differentiable there).
+
+  Args:
+    f: standard vector set ``[N, D]``.
+    g: perturbed vector set ``[M, D]``.
+    kind: one of ``COST_KINDS``.
+
+  Returns:
+    ``[N, M]`` cost matrix.
+  """
+  cost_fn = _cost_fn(kind)
+  _check_feature_set("f", f)
+  _check_feature_set("g", g)
+  return cost_fn.all_pairs(f, g)
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkhornConfig:
+  """Entropic-OT settings for :func:`feature_matching_distance` (METHODS.md M5 step 4).
+
+  Attributes:
+    epsilon: entropic regularisation; absolute when ``relative_epsilon is None``, otherwise a
+      multiplier of the mean cost (``epsilon * mean(C)``, the mean held constant under
+      differentiation, as ott's ``relative_epsilon='mean'`` does). Relative is the default so
+      the regularisation follows the scale of the features: an absolute epsilon far above the
+      costs gives a uniform plan, one far below them stalls or NaNs in float32.
+    cost: one of ``COST_KINDS``; cosine distance is the METHODS.md default.
+    relative_epsilon: ``'mean'`` or ``None`` (absolute).
+    min_epsilon: floor on the effective relative epsilon, so a degenerate all-zero cost matrix
+      (identical features) does not divide by zero; far below any meaningful cost scale.
+    max_iterations: Sinkhorn iteration cap; a multiple of ``inner_iterations``.
+    min_iterations: Sinkhorn runs at least this many iterations; set it equal to
+      ``max_iterations`` for a fixed iteration count (e.g. under ``vmap``, where the batch
+      otherwise runs until its slowest member converges).
+    inner_iterations: iterations between two convergence checks.
+    threshold: marginal-error tolerance of ott's convergence test.
+  """
+
+  epsilon: float = 0.05
+  cost: str = "cosine"
+  relative_epsilon: str | None = "mean"
+  min_epsilon: float = 1e-12
+  max_iterations: int = 200
+  min_iterations: int = 0
+  inner_iterations: int = 10
+  threshold: float = 1e-3
+
+  def __post_init__(self):
+    """Validates every field with one clear ``ValueError``."""
+    _check_positive("epsilon", self.epsilon)
+    _check_choice("cost", self.cost, COST_KINDS)
+    _check_choice("relative_epsilon", self.relative_epsilon, RELATIVE_EPSILON_KINDS)
+    _check_in_range("min_epsilon", self.min_epsilon, 0.0, math.inf, "a finite number >= 0")
+    _check_positive("threshold", self.threshold)
+    for name in ("max_iterations", "inner_iterations"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value} is not allowed: {name} must be an int >= 1")
+    if self.max_iterations % self.inner_iterations:
+      raise ValueError(
+        f"max_iterations={self.max_iterations} is not allowed: max_iterations must be a "
+        f"multiple of inner_iterations={self.inner_iterations}"
+      )
+    if not isinstance(self.min_iterations, int) or not (
+      0 <= self.min_iterations <= self.max_iterations
+    ):
+      raise ValueError(
+        f"min_iterations={self.min_iterations} is not allowed: min_iterations must be an int "
+        f"in [0, max_iterations={self.max_iterations}]"
+      )
+
+
+def _solver_min_iterations(config: SinkhornConfig) -> int:
+  """``min_iterations`` to hand to ott, avoiding ott 0.6's fixed-count backprop bug.
+
+  With ``min_iterations == max_iterations`` ott runs a ``scan`` whose unrolled backward pass
+  (``fixpoint_iter_bwd``) starts from iteration 0 instead of the last one and returns wrong
+  gradients. ``max_iterations - 1`` keeps the ``while_loop`` path, whose backward is correct,
+  and still runs exactly ``max_iterations`` iterations: the loop only tests convergence after
+  whole blocks of ``inner_iterations`` and ``max_iterations`` is a multiple of it.
+  """
+  if config.min_iterations == config.max_iterations:
+    return config.max_iterations - 1
+  return config.min_iterations
+
+
+def feature_matching_distance(
+  f: Array, g: Array, config: SinkhornConfig | None = None, **overrides: Any
+) -> tuple[Array, dict[str, Array]]:
+  """Feature matching distance ``D = <P*, C>`` of METHODS.md M5 step 4.
+
+  ``C = cost_matrix(f, g)``; ``P*`` is the entropic optimal transport plan between the uniform
+  measures on ``f`` and ``g`` (ott-jax ``PointCloud`` -> ``LinearProblem`` -> ``Sinkhorn``,
+  log-domain). ``D`` is the transport cost of that plan, ``sum(P* * C)`` — not ott's
+  ``reg_ot_cost``, which adds the entropic term. POT's ``ot.sinkhorn2`` returns the same
+  quantity.
+
+  Differentiation: unrolled (ott's ``implicit_diff=None``). ``jax.grad`` differentiates the
+  Sinkhorn iterations actually run, so the gradient is exact for the computed ``D`` even when
+  Sinkhorn stops before convergence (fixed iteration counts under ``vmap``), needs no linear
+  solve (balanced implicit systems are ill-conditioned), and stores only the potentials every
+  ``inner_iterations``. With ``relative_epsilon='mean'`` the epsilon scale is held constant
+  (``stop_gradient``), as in ott.
+
+  Args:
+    f: standard vector set ``[N, D]`` (features of the clean images).
+    g: perturbed vector set ``[M, D]`` (features of the perturbed images).
+    config: :class:`SinkhornConfig`; ``None`` uses the defaults.
+    **overrides: fields of :class:`SinkhornConfig` to replace, e.g. ``epsilon=0.1``.
+
+  Returns:
+    ``(D, aux)``: ``D`` a scalar; ``aux`` holds ``plan [N, M]``, ``cost_matrix [N, M]``,
+    ``epsilon`` (effective, absolute), ``converged`` (bool), ``n_iters`` (int), ``errors``
+    (ott's marginal errors per check) and ``finite`` (bool: features, costs and ``D`` are
+    all finite — check it inside jit; outside use :func:`check_finite`).
+  """
+  config = dataclasses.replace(config or SinkhornConfig(), **overrides)
+  _check_feature_set("f", f)
+  _check_feature_set("g", g)
+  if f.shape[1] != g.shape[1]:
+    raise ValueError(
+      f"f has shape {f.shape} and g has shape {g.shape}: the feature dimensions must match"
+    )
+  cost_fn = _cost_fn(config.cost)
+  costs_ = cost_fn.all_pairs(f, g)  # The same matrix the geometry builds.
+  epsilon = jnp.asarray(config.epsilon, dtype=jnp.result_type(f, g))
+  if config.relative_epsilon == "mean":
+    scale = jax.lax.stop_gradient(jnp.mean(costs_))
+    epsilon = jnp.maximum(epsilon * scale, config.min_epsilon)
+  geom = pointcloud.PointCloud(f, g, cost_fn=cost_fn, epsilon=epsilon)
+  problem = linear_problem.LinearProblem(geom)
+  solver = sinkhorn.Sinkhorn(
+    threshold=config.threshold,
+    inner_iterations=config.inner_iterations,
+    min_iterations=_solver_min_iterations(config),
+    max_iterations=config.max_iterations,
+    implicit_diff=None,
+  )
+  out = solver(problem)
+  plan = out.matrix
+  distance = jnp.sum(plan * costs_)
+  finite = (
+    jnp.all(jnp.isfinite(f))
+    & jnp.all(jnp.isfinite(g))
+    & jnp.all(jnp.isfinite(costs_))
+    & jnp.isfinite(distance)
+  )
+  aux = {
+    "plan": plan,
+    "cost_matrix": costs_,
+    "epsilon": geom.epsilon,
+    "converged": out.converged,
+    "n_iters": out.n_iters,
+    "errors": out.errors,
+    "finite": finite,
+  }
+  return distance, aux
+
+
+# --------------------------------------------------------------------------------------------
+# Step 5: target perturbed set.
+
+
+def _feature_distance_to(
+  features_fn: FeaturesFn, f_clean: Array, config: SinkhornConfig
+) -> Callable[[Array], Array]:
+  """``x' -> D(f_clean, features_fn(x'))``, the quantity the ascent maximises."""
+
+  def distance(x_pert: Array) -> Array:
+    return feature_matching_distance(f_clean, features_fn(x_pert), config)[0]
+
+  return distance
+
+
+def ot_attack(
+  features_fn: FeaturesFn,
+  x_clean: Array,
+  x_init: Array,
+  *,
+  eps: float | Array,
+  alpha: float | Array,
+  steps: int,
+  sinkhorn_config: SinkhornConfig | None = None,
+) -> tuple[Array, dict[str, Array]]:
+  """Target perturbed set by signed ascent on ``D`` (METHODS.md M5 step 5, default).
+
+  ``steps`` times: ``x' <- clip(Proj_eps(x' + alpha * sign(grad_{x'} D(F, f(x')))), 0, 1)``,
+  with the standard vector set ``F = f(x_clean)`` held constant (``stop_gradient``).
+
+  Args:
+    features_fn: pure function ``images [B, H, W, C] -> features [B, D]`` (a closure over the
+      model parameters, e.g. pooled backbone features).
+    x_clean: clean images ``[B, H, W, C]`` in [0, 1].
+    x_init: starting perturbed images ``[B, H, W, C]`` (e.g. :func:`perturbed_images`).
+    eps: L-inf radius, >= 0.
+    alpha: step size, > 0.
+    steps: number of ascent steps, >= 0 (Python int; the loop is a ``scan``).
+    sinkhorn_config: settings of :func:`feature_matching_distance`.
+
+  Returns:
+    ``(x_target, aux)``: ``x_target [B, H, W, C]`` inside the eps ball and [0, 1]; ``aux``
+    holds ``distances [steps + 1]`` (``D`` at every iterate, the starting one included; the
+    last is the returned set's) and ``finite`` (bool, every ``D`` finite).
+  """
+  _check_image_set("x_clean", x_clean)
+  if x_init.shape != x_clean.shape:
+    raise ValueError(
+      f"x_init has shape {x_init.shape}: it must match x_clean's shape {x_clean.shape}"
+    )
+  _check_in_range("eps", eps, 0.0, 1.0, "a number in [0, 1]")
+  _check_positive("alpha", alpha)
+  if not isinstance(steps, int) or steps < 0:
+    raise ValueError(f"steps={steps} is not allowed: steps must be an int >= 0")
+  config = sinkhorn_config or SinkhornConfig()
+  f_clean = jax.lax.stop_gradient(features_fn(x_clean))
+  distance_and_grad = jax.value_and_grad(_feature_distance_to(features_fn, f_clean, config))
+
+  def ascent_step(x_pert, _):
+    distance, grad = distance_and_grad(x_pert)
+    x_next = _project(x_clean, x_pert + alpha * jnp.sign(grad), eps)
+    return x_next, distance
+
+  x_start = _project(x_clean, x_init, eps)
+  x_target, distances = jax.lax.scan(ascent_step, x_start, None, length=steps)
+  final_distance = _feature_distance_to(features_fn, f_clean, config)(x_target)
+  distances = jnp.concatenate([distances, final_distance[None]])
+  return jax.lax.stop_gradient(x_target), {
+    "distances": distances,
+    "finite": jnp.all(jnp.isfinite(distances)),
+  }
+
+
+def best_of_candidates(
+  features_fn: FeaturesFn,
+  x_clean: Array,
+  candidates: Array,
+  *,
+  sinkhorn_config: SinkhornConfig | None = None,
+) -> tuple[Array, dict[str, Array]]:
+  """Target perturbed set: the candidate with the largest ``D`` (METHODS.md M5 step 5, option).
+
+  Candidates are scored one after another (``lax.map``), so memory is that of one set.
+
+  Args:
+    features_fn: pure function ``images [B, H, W, C] -> features [B, D]``.
+    x_clean: clean images ``[B, H, W, C]``.
+    candidates: ``[n, B, H, W, C]`` candidate perturbed sets (e.g.
+      :func:`candidate_perturbations`).
+    sinkhorn_config: settings of :func:`feature_matching_distance`.
+
+  Returns:
+    ``(x_target, aux)``: the chosen set ``[B, H, W, C]``; ``aux`` holds ``distances [n]``,
+    ``index`` (the argmax) and ``finite``.
+  """
+  _check_image_set("x_clean", x_clean)
+  if candidates.ndim != 5 or candidates.shape[1:] != x_clean.shape or candidates.shape[0] == 0:
+    raise ValueError(
+      f"candidates has shape {candidates.shape}: it must be [n >= 1, *x_clean.shape] with "
+      f"x_clean.shape={x_clean.shape}"
+    )
+  config = sinkhorn_config or SinkhornConfig()
+  f_clean = jax.lax.stop_gradient(features_fn(x_clean))
+  distances = jax.lax.map(_feature_distance_to(features_fn, f_clean, config), candidates)
+  # A NaN distance must never win the argmax.
+  index = jnp.argmax(jnp.where(jnp.isfinite(distances), distances, -jnp.inf))
+  return jax.lax.stop_gradient(candidates[index]), {
+    "distances": distances,
+    "index": index,
+    "finite": jnp.all(jnp.isfinite(distances)),
+  }
+
+
+# --------------------------------------------------------------------------------------------
+# Step 6: training loss.
+
+
+def combined_loss(
+  task_loss_fn: TaskLossFn,
+  params: Any,
+  x_clean: Array,
+  x_target: Array,
+  targets: Any,
+  *,
+  perturbed_only: bool = False,
+) -> tuple[Array, dict[str, Array]]:
+  """Training loss of METHODS.md M5 step 6: ``loss1 + loss2``.
+
+  ``loss1`` is the task (detection or classification) loss on the clean set, ``loss2`` the same
+  loss on the target perturbed set with the clean labels / boxes. ``x_target`` is data: no
+  gradient flows into it.
+
+  Args:
+    task_loss_fn: pure ``(params, images, targets) -> (loss, metrics)``, e.g. a closure that
+      applies the detector and calls ``detection_loss``.
+    params: model parameters (the argument to differentiate).
+    x_clean: clean images ``[B, H, W, C]``.
+    x_target: target perturbed images ``[B, H, W, C]``.
+    targets: labels of the clean images, used for both sets.
+    perturbed_only: train on ``loss2`` alone (``loss1`` is then not computed).
+
+  Returns:
+    ``(loss, metrics)``: metrics ``loss``, ``loss2`` (and ``loss1`` unless ``perturbed_only``)
+    plus the task metrics prefixed ``clean/`` and ``perturbed/``.
+  """
+  x_target = jax.lax.stop_gradient(x_target)
+  loss2, task_metrics2 = task_loss_fn(params, x_target, targets)
+  metrics = {"loss2": loss2, **{f"perturbed/{k}": v for k, v in task_metrics2.items()}}
+  if perturbed_only:
+    loss = loss2
+  else:
+    loss1, task_metrics1 = task_loss_fn(params, x_clean, targets)
+    metrics.update({"loss1": loss1, **{f"clean/{k}": v for k, v in task_metrics1.items()}})
+    loss = loss1 + loss2
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Step 7: convergence.
+
+
+def converged(loss: Array, threshold: float | Array) -> Array:
+  """Convergence test of METHODS.md M5 step 7: target loss ``<= threshold`` (and finite).
+
+  Args:
+    loss: scalar target loss ``loss1 + loss2``.
+    threshold: preset loss threshold.
+
+  Returns:
+    Boolean scalar; jit-compatible.
+  """
+  return jnp.isfinite(loss) & (loss <= threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvergenceRule:
+  """Stopping rule of METHODS.md M5 step 7.
+
+  Attributes:
+    loss_threshold: the preset loss threshold; loss at or below it means converged.
+    max_steps: step limit, >= 1: training also stops after this many steps.
+  """
+
+  loss_threshold: float
+  max_steps: int
+
+  def __post_init__(self):
+    """Validates the fields with one clear ``ValueError``."""
+    if not _is_concrete_number(self.loss_threshold) or math.isnan(self.loss_threshold):
+      raise ValueError(
+        f"loss_threshold={self.loss_threshold} is not allowed: loss_threshold must be a number"
+      )
+    if not isinstance(self.max_steps, int) or self.max_steps < 1:
+      raise ValueError(f"max_steps={self.max_steps} is not allowed: max_steps must be an int >= 1")
+
+
+def stop_reason(loss: Any, step: int, rule: ConvergenceRule) -> str | None:
+  """Host-side decision after a training step (METHODS.md M5 step 7).
+
+  Args:
+    loss: the target loss of the step just taken (scalar, fetched to host).
+    step: number of training steps taken so far (1 after the first step).
+    rule: the :class:`ConvergenceRule`.
+
+  Returns:
+    ``'converged'`` when ``loss <= rule.loss_threshold`` (store the model), ``'step_limit'``
+    when ``step >= rule.max_steps`` without convergence, else ``None`` (go back to step 6 and
+    regenerate the target set).
+
+  Raises:
+    FloatingPointError: when the loss is NaN or infinite.
+  """
+  value = float(loss)
+  if not math.isfinite(value):
+    raise FloatingPointError(
+      f"loss={value} at step {step} is not finite: training stopped (keep the last good checkpoint)"
+    )
+  if value <= rule.loss_threshold:
+    return "converged"
+  if step >= rule.max_steps:
+    return "step_limit"
+  return None

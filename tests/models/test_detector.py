@@ -1,0 +1,233 @@
+"""Tests of the CenterNet-style detector against numpy re-implementations of CenterNet's code."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from research.models import detector as det
+
+STRIDE = 4
+NUM_CLASSES = 3
+OUT_HW = (16, 16)  # 64x64 images
+
+
+def _reference_radius(height, width, min_overlap=0.7):
+  """CenterNet's ``gaussian_radius`` (src/lib/utils/image.py), verbatim in numpy."""
+  a1 = 1
+  b1 = height + width
+  c1 = width * height * (1 - min_overlap) / (1 + min_overlap)
+  r1 = (b1 + np.sqrt(b1**2 - 4 * a1 * c1)) / 2
+  a2 = 4
+  b2 = 2 * (height + width)
+  c2 = (1 - min_overlap) * width * height
+  r2 = (b2 + np.sqrt(b2**2 - 4 * a2 * c2)) / 2
+  a3 = 4 * min_overlap
+  b3 = -2 * min_overlap * (height + width)
+  c3 = (min_overlap - 1) * width * height
+  r3 = (b3 + np.sqrt(b3**2 - 4 * a3 * c3)) / 2
+  return min(r1, r2, r3)
+
+
+def _reference_heatmap(boxes, classes, valid):
+  """CenterNet's ctdet target drawing (draw_umich_gaussian) with python loops."""
+  h, w = OUT_HW
+  heat = np.zeros((NUM_CLASSES, h, w))
+  for box, cls, ok in zip(boxes, classes, valid, strict=True):
+    box = np.asarray(box, np.float64) / STRIDE
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    if not ok or bw <= 0 or bh <= 0:
+      continue
+    radius = max(0, int(_reference_radius(np.ceil(bh), np.ceil(bw))))
+    cx, cy = int((box[0] + box[2]) / 2), int((box[1] + box[3]) / 2)
+    sigma = (2 * radius + 1) / 6
+    for y in range(max(0, cy - radius), min(h, cy + radius + 1)):
+      for x in range(max(0, cx - radius), min(w, cx + radius + 1)):
+        g = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
+        heat[cls, y, x] = max(heat[cls, y, x], g)
+  return heat.transpose(1, 2, 0)
+
+
+BOXES = np.array(
+  [
+    [4.0, 6.0, 30.0, 22.0],
+    [33.0, 35.0, 61.0, 62.0],
+    [10.0, 40.0, 18.0, 47.0],
+    [20.0, 20.0, 44.0, 50.0],
+    [40.0, 30.0, 56.0, 50.0],  # same class as row 1, Gaussians overlap: splatted with max
+    [0.0, 0.0, 0.0, 0.0],  # padding
+  ],
+  np.float32,
+)
+CLASSES = np.array([0, 2, 2, 1, 2, 0], np.int32)
+VALID = np.array([True, True, True, True, True, False])
+NUM_VALID = 5
+
+
+def _encode(boxes=BOXES, classes=CLASSES, valid=VALID):
+  return det.encode_targets(
+    jnp.asarray(boxes),
+    jnp.asarray(classes),
+    jnp.asarray(valid),
+    num_classes=NUM_CLASSES,
+    output_size=OUT_HW,
+    stride=STRIDE,
+  )
+
+
+def test_gaussian_radius_matches_centernet():
+  for hw in [(4.0, 7.0), (1.0, 1.0), (30.0, 12.0)]:
+    np.testing.assert_allclose(det.gaussian_radius(*hw), _reference_radius(*hw), rtol=1e-6)
+
+
+def test_encoded_targets_match_reference():
+  targets = _encode()
+  np.testing.assert_allclose(
+    targets["heatmap"], _reference_heatmap(BOXES, CLASSES, VALID), atol=1e-6
+  )
+  centres = np.stack([(BOXES[:, 0] + BOXES[:, 2]) / 2, (BOXES[:, 1] + BOXES[:, 3]) / 2], 1)
+  centres = centres / STRIDE
+  cells = np.floor(centres)
+  np.testing.assert_array_equal(targets["mask"], VALID)
+  n = NUM_VALID
+  np.testing.assert_array_equal(
+    targets["indices"][:n], (cells[:n, 1] * OUT_HW[1] + cells[:n, 0]).astype(int)
+  )
+  np.testing.assert_allclose(targets["offset"][:n], (centres - cells)[:n], atol=1e-6)
+  sizes = np.stack([BOXES[:, 2] - BOXES[:, 0], BOXES[:, 3] - BOXES[:, 1]], 1) / STRIDE
+  np.testing.assert_allclose(targets["size"][:n], sizes[:n], atol=1e-6)
+  np.testing.assert_array_equal(targets["size"][n], [0, 0])
+  # The two class-2 Gaussians overlap: some cell holds the max of two non-zero values.
+  overlap = [
+    _reference_heatmap(BOXES[i : i + 1], CLASSES[i : i + 1], [True])[..., 2] for i in (1, 4)
+  ]
+  assert np.any((overlap[0] > 0) & (overlap[1] > 0))
+
+
+def _perfect_outputs(targets):
+  """Head outputs that a perfect model would give, built with numpy loops."""
+  h, w = OUT_HW
+  heat = np.clip(np.asarray(targets["heatmap"], np.float64), 1e-6, 1 - 1e-6)
+  size = np.zeros((h, w, 2))
+  offset = np.zeros((h, w, 2))
+  for n in range(len(targets["mask"])):
+    if targets["mask"][n]:
+      y, x = divmod(int(targets["indices"][n]), w)
+      size[y, x] = targets["size"][n]
+      offset[y, x] = targets["offset"][n]
+  return {
+    "heatmap": jnp.asarray(np.log(heat / (1 - heat)), jnp.float32)[None],
+    "size": jnp.asarray(size, jnp.float32)[None],
+    "offset": jnp.asarray(offset, jnp.float32)[None],
+  }
+
+
+def test_encode_decode_round_trip_recovers_boxes():
+  outputs = _perfect_outputs(_encode())
+  decoded = jax.jit(lambda o: det.decode_detections(o, stride=STRIDE, top_k=10))(outputs)
+  chex.assert_shape(decoded["boxes"], (1, 10, 4))
+  assert np.all(np.diff(np.asarray(decoded["scores"][0])) <= 0)
+  top = np.asarray(decoded["scores"][0]) > 0.5
+  assert top.sum() == NUM_VALID  # exactly the objects survive the 3x3 NMS as confident peaks
+  got = sorted(
+    zip(
+      decoded["classes"][0][top].tolist(),
+      np.round(np.asarray(decoded["boxes"][0][top]), 3).tolist(),
+      strict=True,
+    )
+  )
+  want = sorted(zip(CLASSES[:NUM_VALID].tolist(), BOXES[:NUM_VALID].tolist(), strict=True))
+  for (gc, gb), (wc, wb) in zip(got, want, strict=True):
+    assert gc == wc
+    np.testing.assert_allclose(gb, wb, atol=1e-3)
+
+
+def _reference_focal(logits, gt):
+  """CenterNet's _neg_loss in numpy (without its sigmoid clamp; logits here are moderate)."""
+  p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
+  gt = np.asarray(gt, np.float64)
+  pos = gt == 1
+  pos_loss = np.sum(np.log(p) * (1 - p) ** 2 * pos)
+  neg_loss = np.sum(np.log(1 - p) * p**2 * (1 - gt) ** 4 * ~pos)
+  num_pos = pos.sum()
+  return -neg_loss if num_pos == 0 else -(pos_loss + neg_loss) / num_pos
+
+
+def test_detection_loss_matches_numpy_reference(rng):
+  targets = jax.vmap(lambda _: _encode())(jnp.arange(2))
+  keys = jax.random.split(rng, 3)
+  outputs = {
+    "heatmap": jax.random.normal(keys[0], (2, *OUT_HW, NUM_CLASSES)) * 2,
+    "size": jax.random.normal(keys[1], (2, *OUT_HW, 2)) * 3,
+    "offset": jax.random.uniform(keys[2], (2, *OUT_HW, 2)),
+  }
+  loss, metrics = jax.jit(det.detection_loss)(outputs, targets)
+  focal = _reference_focal(outputs["heatmap"], targets["heatmap"])
+  size_err, off_err, count = 0.0, 0.0, 0
+  for b in range(2):
+    for n in range(len(VALID)):
+      if targets["mask"][b, n]:
+        y, x = divmod(int(targets["indices"][b, n]), OUT_HW[1])
+        size_err += np.abs(np.asarray(outputs["size"][b, y, x]) - targets["size"][b, n]).sum()
+        off_err += np.abs(np.asarray(outputs["offset"][b, y, x]) - targets["offset"][b, n]).sum()
+        count += 2
+  np.testing.assert_allclose(metrics["heatmap_loss"], focal, rtol=1e-5)
+  np.testing.assert_allclose(metrics["size_loss"], size_err / count, rtol=1e-5)
+  np.testing.assert_allclose(metrics["offset_loss"], off_err / count, rtol=1e-5)
+  np.testing.assert_allclose(loss, focal + 0.1 * size_err / count + off_err / count, rtol=1e-5)
+  assert float(metrics["num_objects"]) == 2 * NUM_VALID
+
+
+def test_focal_loss_without_objects_normalises_by_one():
+  gt = jnp.zeros((1, 4, 4, 2))
+  logits = jnp.linspace(-3, 3, 32).reshape(1, 4, 4, 2)
+  total, num_pos = det.focal_loss(logits, gt)
+  np.testing.assert_allclose(total, _reference_focal(logits, gt), rtol=1e-5)
+  assert float(num_pos) == 0
+
+
+def test_detector_forward_shapes_grad_and_single_compile(rng):
+  model = det.Detector(det.TinyBackbone(features=8, stride=STRIDE), NUM_CLASSES, STRIDE, 16)
+  x = jax.random.uniform(rng, (2, 64, 64, 3))
+  params = model.init(jax.random.key(1), x)
+  outputs = model.apply(params, x)
+  chex.assert_shape(outputs["heatmap"], (2, *OUT_HW, NUM_CLASSES))
+  chex.assert_shape(outputs["size"], (2, *OUT_HW, 2))
+  chex.assert_shape(outputs["offset"], (2, *OUT_HW, 2))
+  chex.assert_shape(outputs["embedding"], (2, 8))
+  bias = params["params"]["head"]["heatmap_out"]["bias"]
+  np.testing.assert_allclose(bias, det.HEATMAP_BIAS_INIT)
+
+  targets = jax.vmap(lambda _: _encode())(jnp.arange(2))
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def loss_and_grad(params, x):
+    return jax.value_and_grad(lambda p: det.detection_loss(model.apply(p, x), targets)[0])(params)
+
+  loss, grads = loss_and_grad(params, x)
+  loss_and_grad(params, x * 0.5)
+  chex.assert_tree_all_finite((loss, grads))
+  assert float(loss) > 0
+
+
+def test_bad_inputs_raise(rng):
+  with pytest.raises(ValueError, match="stride=3"):
+    det.TinyBackbone(stride=3).init(rng, jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(ValueError, match="feature_map has spatial shape"):
+    model = det.Detector(det.TinyBackbone(stride=4), NUM_CLASSES, stride=2)
+    model.init(rng, jnp.zeros((1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="num_classes=0"):
+    det.CenterNetHead(num_classes=0).init(rng, jnp.zeros((1, 4, 4, 8)))
+  with pytest.raises(ValueError, match="boxes has shape"):
+    det.encode_targets(
+      jnp.zeros((3, 5)),
+      jnp.zeros(3, int),
+      jnp.ones(3, bool),
+      num_classes=2,
+      output_size=(4, 4),
+      stride=4,
+    )
+  with pytest.raises(ValueError, match="top_k=1000"):
+    det.decode_detections(_perfect_outputs(_encode()), stride=STRIDE, top_k=1000)
