@@ -8,6 +8,11 @@ from collections.abc import Callable
 EXPERIMENTS = {
   "supervised_classification": "research.supervised.classification",
   "supervised_segmentation": "research.supervised.segmentation",
+  "uap_segmentation": "research.uap_segmentation.experiment",
+  "norm_selection": "research.norm_selection.experiment",
+  "long_tail": "research.long_tail.experiment",
+  "incremental_panoptic": "research.incremental_panoptic.experiment",
+  "ot_perturbation": "research.ot_perturbation.experiment",
 }
 
 
