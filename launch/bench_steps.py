@@ -1,0 +1,411 @@
+r"""Step throughput of our jitted train steps against the same network in PyTorch (CPU).
+
+    python -m launch.bench_steps --out=runs/bench_steps.json [--variants=default,onednn]
+
+For each step (supervised classification: ResNet with GroupNorm, widths 16-128, batch 128,
+32x32x3; segmentation: the street-scene Segmenter, batch 32, 64x64x3) it measures images/s of
+our `jax.jit` step and of the same network, batch, optimizer (Adam) and precision (float32) in
+PyTorch, alternating JAX and PyTorch repeats in one process, and reports min/median/max and the
+median ratio JAX / PyTorch. It also reports each step's compile time, XLA's FLOP count and
+memory estimate, the achieved GFLOP/s against a 2048^3 matmul peak (the roofline), and the
+forward/backward split. Each XLA variant (`--variants`, flags in `XLA_VARIANTS`) runs in its
+own subprocess because XLA flags are read once at start-up. PyTorch is a benchmark-only
+dependency: `pip install torch==2.13.0`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+XLA_VARIANTS = {
+  "default": "",
+  "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+  "xnnpack": "--xla_cpu_use_xnnpack=true",
+  "no_thunks": "--xla_cpu_use_thunk_runtime=false",
+}
+
+_OUT = flags.DEFINE_string("out", "runs/bench_steps.json", "Where to write the JSON results.")
+_VARIANTS = flags.DEFINE_list("variants", ["default"], f"XLA flag sets from {list(XLA_VARIANTS)}.")
+_STEPS = flags.DEFINE_list("steps", ["classification", "segmentation"], "Steps to measure.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating repeats per framework.")
+_ITERS = flags.DEFINE_integer("iters", 5, "Steps per repeat.")
+_CHILD = flags.DEFINE_string("child_variant", None, "Internal: measure one variant in-process.")
+
+
+def machine_info() -> dict:
+  """CPU model, core count and library versions."""
+  import jax
+  import torch
+
+  model = "unknown"
+  if os.path.exists("/proc/cpuinfo"):
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  return {
+    "cpu": model,
+    "cores": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
+    "torch": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+    "devices": [str(d) for d in jax.devices()],
+  }
+
+
+# ----------------------------------------------------------------------------- PyTorch peers
+
+
+def _torch_group_norm(channels: int):
+  import torch.nn as tnn
+
+  groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+  return tnn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def _torch_resnet_backbone(stage_sizes, widths, in_channels):
+  """The torch twin of `research.models.resnet.ResNet`'s backbone (same layers and shapes)."""
+  import torch
+  import torch.nn as tnn
+
+  class Block(tnn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.gn1 = _torch_group_norm(cout)
+      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.gn2 = _torch_group_norm(cout)
+      self.proj = None
+      if stride != 1 or cin != cout:
+        self.proj = tnn.Sequential(
+          tnn.Conv2d(cin, cout, 1, stride, bias=False), _torch_group_norm(cout)
+        )
+
+    def forward(self, x):
+      y = torch.relu(self.gn1(self.conv1(x)))
+      y = self.gn2(self.conv2(y))
+      return torch.relu((self.proj(x) if self.proj is not None else x) + y)
+
+  class Backbone(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = tnn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+      self.gn = _torch_group_norm(widths[0])
+      stages, cin = [], widths[0]
+      for s, (n, w) in enumerate(zip(stage_sizes, widths)):
+        blocks = [Block(cin if b == 0 else w, w, 2 if s > 0 and b == 0 else 1) for b in range(n)]
+        stages.append(tnn.Sequential(*blocks))
+        cin = w
+      self.stages = tnn.ModuleList(stages)
+
+    def forward(self, x):
+      y = torch.relu(self.gn(self.stem(x)))
+      features = []
+      for stage in self.stages:
+        y = stage(y)
+        features.append(y)
+      return features
+
+  return Backbone()
+
+
+def torch_classifier(stage_sizes, widths, num_classes, embedding_dim, in_channels):
+  """Torch twin of `ResNet(num_classes, ...)`: backbone, mean pool, embedding and classifier."""
+  import torch
+  import torch.nn as tnn
+
+  class Classifier(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.backbone = _torch_resnet_backbone(stage_sizes, widths, in_channels)
+      self.embedding = tnn.Linear(widths[-1], embedding_dim)
+      self.classifier = tnn.Linear(widths[-1], num_classes)
+
+    def forward(self, x):
+      pooled = self.backbone(x)[-1].mean((2, 3))
+      emb = self.embedding(pooled)
+      emb = emb / torch.sqrt((emb**2).sum(-1, keepdim=True) + 1e-12)
+      return self.classifier(pooled), emb
+
+  return Classifier()
+
+
+def torch_segmenter(stage_sizes, widths, decoder_width, num_classes):
+  """Torch twin of `Segmenter`: FPN-like decoder with nearest upsampling."""
+  import torch
+  import torch.nn as tnn
+
+  class Seg(tnn.Module):
+    def __init__(self):
+      super().__init__()
+      self.backbone = _torch_resnet_backbone(stage_sizes, widths, 3)
+      self.lateral_last = tnn.Conv2d(widths[-1], decoder_width, 1)
+      self.laterals = tnn.ModuleList([tnn.Conv2d(w, decoder_width, 1) for w in widths[:-1]])
+      self.smooth = tnn.ModuleList(
+        [
+          tnn.Sequential(
+            tnn.Conv2d(decoder_width, decoder_width, 3, 1, 1),
+            _torch_group_norm(decoder_width),
+            tnn.ReLU(),
+          )
+          for _ in widths[:-1]
+        ]
+      )
+      self.classifier = tnn.Conv2d(decoder_width, num_classes, 3, 1, 1)
+
+    def forward(self, x):
+      features = self.backbone(x)
+      y = self.lateral_last(features[-1])
+      for i in reversed(range(len(features) - 1)):
+        f = features[i]
+        y = torch.nn.functional.interpolate(y, size=f.shape[2:], mode="nearest")
+        y = self.smooth[i](y + self.laterals[i](f))
+      y = torch.nn.functional.interpolate(y, size=x.shape[2:], mode="nearest")
+      return self.classifier(y)
+
+  return Seg()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+STEP_SPECS = {
+  "classification": dict(
+    batch=128, size=32, channels=3, classes=10, stage_sizes=(1, 1, 1, 1), widths=(16, 32, 64, 128)
+  ),
+  "segmentation": dict(
+    batch=32,
+    size=64,
+    channels=3,
+    classes=9,
+    stage_sizes=(1, 1, 1),
+    widths=(16, 32, 64),
+    decoder_width=32,
+  ),
+}
+
+
+def _jax_step(name: str, spec: dict):
+  """(compiled step, state, batch, rng, compile seconds, cost dict, fwd fn, grad fn)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  from research.models.resnet import ResNet, Segmenter
+  from research.training import state as state_lib
+  from research.training import steps
+
+  rng = np.random.default_rng(0)
+  b, s, c, k = spec["batch"], spec["size"], spec["channels"], spec["classes"]
+  images = rng.integers(0, 256, (b, s, s, c), dtype=np.uint8)
+  if name == "classification":
+    model = ResNet(k, spec["stage_sizes"], spec["widths"], 64)
+    batch = {"image": images, "label": rng.integers(0, k, (b,))}
+    loss_fn = functools.partial(steps.classification_loss, model=model)
+  else:
+    model = Segmenter(k, spec["stage_sizes"], spec["widths"], spec["decoder_width"])
+    batch = {"image": images, "semantic": rng.integers(0, k, (b, s, s)).astype(np.uint8)}
+    loss_fn = functools.partial(steps.segmentation_loss, model=model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, s, s, c)))["params"]
+  tx = optax.adam(1e-3)
+  state = state_lib.create_train_state(jax.tree.map(jnp.copy, params), tx)  # donated below
+  step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx), donate_argnums=0)
+  key = jax.random.key(1)
+  batch = jax.device_put(batch)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch, key).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  mem = compiled.memory_analysis()
+  info = {
+    "compile_s": compile_s,
+    "flops": float(cost.get("flops", float("nan"))),
+    "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+  }
+  fwd = jax.jit(lambda p, bt: loss_fn(p, bt, key)[0])
+  grad = jax.jit(jax.grad(lambda p, bt: loss_fn(p, bt, key)[0]))
+  return compiled, state, batch, key, info, fwd, grad, params
+
+
+def _torch_step(name: str, spec: dict):
+  import numpy as np
+  import torch
+
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+  b, s, c, k = spec["batch"], spec["size"], spec["channels"], spec["classes"]
+  x = torch.tensor(rng.integers(0, 256, (b, c, s, s)), dtype=torch.uint8)
+  if name == "classification":
+    model = torch_classifier(spec["stage_sizes"], spec["widths"], k, 64, c)
+    y = torch.tensor(rng.integers(0, k, (b,)))
+  else:
+    model = torch_segmenter(spec["stage_sizes"], spec["widths"], spec["decoder_width"], k)
+    y = torch.tensor(rng.integers(0, k, (b, s, s)))
+  opt = torch.optim.Adam(model.parameters(), 1e-3)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    out = model(x.float() / 255.0)
+    logits = out[0] if isinstance(out, tuple) else out
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    opt.step()
+    return loss
+
+  return step
+
+
+def _time(fn, iters: int) -> float:
+  t0 = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return time.perf_counter() - t0
+
+
+def _best_call_s(fn, *args, tries: int = 3) -> float:
+  """Fastest of `tries` timed calls of `fn(*args)` after one warm-up call."""
+  import jax
+
+  jax.block_until_ready(fn(*args))
+  return min(_time(lambda: jax.block_until_ready(fn(*args)), 1) for _ in range(tries))
+
+
+def matmul_peak_gflops(n: int = 2048) -> dict:
+  """GFLOP/s of an n^3 float32 matmul in JAX and PyTorch (best of 3)."""
+  import jax
+  import jax.numpy as jnp
+  import torch
+
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  jt = min(_time(lambda: mm(a).block_until_ready(), 1) for _ in range(3))
+  ta = torch.ones(n, n)
+  tt = min(_time(lambda: ta @ ta, 1) for _ in range(3))
+  flops = 2 * n**3
+  return {"jax_gflops": flops / jt / 1e9, "torch_gflops": flops / tt / 1e9}
+
+
+def measure_variant(variant: str, steps_to_run, repeats: int, iters: int) -> dict:
+  """All measurements of one XLA variant, in this process."""
+  import jax
+  import numpy as np
+
+  results = {
+    "variant": variant,
+    "xla_flags": XLA_VARIANTS[variant],
+    "machine": machine_info(),
+    "matmul": matmul_peak_gflops(),
+    "steps": {},
+  }
+  for name in steps_to_run:
+    spec = STEP_SPECS[name]
+    compiled, state, batch, key, info, fwd, grad, params = _jax_step(name, spec)
+    torch_step = _torch_step(name, spec)
+    holder = {"state": state}
+
+    def jax_iter(holder=holder, compiled=compiled, batch=batch, key=key):
+      holder["state"], metrics = compiled(holder["state"], batch, key)
+      return metrics
+
+    jax.block_until_ready(jax_iter())
+    torch_step()
+    jax_rates, torch_rates = [], []
+    for _ in range(repeats):  # alternate the two frameworks
+      t = _time(lambda: jax.block_until_ready(jax_iter()), iters)
+      jax_rates.append(spec["batch"] * iters / t)
+      t = _time(torch_step, iters)
+      torch_rates.append(spec["batch"] * iters / t)
+    fwd_s = _best_call_s(fwd, params, batch)
+    grad_s = _best_call_s(grad, params, batch)
+    jr, tr = np.array(jax_rates), np.array(torch_rates)
+    step_s = spec["batch"] / np.median(jr)
+    results["steps"][name] = {
+      "spec": {k: list(v) if isinstance(v, tuple) else v for k, v in spec.items()},
+      "jax_images_per_s": {"min": jr.min(), "median": float(np.median(jr)), "max": jr.max()},
+      "torch_images_per_s": {"min": tr.min(), "median": float(np.median(tr)), "max": tr.max()},
+      "ratio_jax_over_torch": float(np.median(jr) / np.median(tr)),
+      "jax_achieved_gflops": info["flops"] / step_s / 1e9,
+      "jax_forward_s": fwd_s,
+      "jax_gradient_s": grad_s,
+      **info,
+    }
+  return results
+
+
+def _table(all_results: list[dict]) -> str:
+  lines = [
+    f"{'variant':<10} {'step':<15} {'jax img/s (min/med/max)':<26} "
+    f"{'torch img/s (min/med/max)':<27} {'ratio':>6} {'compile s':>9} {'GFLOP/s':>8}"
+  ]
+  for r in all_results:
+    for name, m in r["steps"].items():
+      j, t = m["jax_images_per_s"], m["torch_images_per_s"]
+      lines.append(
+        f"{r['variant']:<10} {name:<15} {j['min']:6.0f}/{j['median']:6.0f}/{j['max']:6.0f}     "
+        f"{t['min']:6.0f}/{t['median']:6.0f}/{t['max']:6.0f}      "
+        f"{m['ratio_jax_over_torch']:6.2f} {m['compile_s']:9.1f} {m['jax_achieved_gflops']:8.1f}"
+      )
+    mm = r["matmul"]
+    lines.append(
+      f"{r['variant']:<10} matmul 2048^3 peak: jax {mm['jax_gflops']:.0f} GFLOP/s, "
+      f"torch {mm['torch_gflops']:.0f} GFLOP/s"
+    )
+  return "\n".join(lines)
+
+
+def main(argv):
+  """Runs each variant in a subprocess (or, as the child, measures one) and writes the JSON."""
+  del argv
+  if _CHILD.value:
+    print(
+      json.dumps(
+        measure_variant(_CHILD.value, _STEPS.value, _REPEATS.value, _ITERS.value), default=float
+      )
+    )
+    return
+  unknown = [v for v in _VARIANTS.value if v not in XLA_VARIANTS]
+  if unknown:
+    raise ValueError(f"--variants={unknown} is not known: choose from {list(XLA_VARIANTS)}")
+  all_results = []
+  for variant in _VARIANTS.value:
+    env = {**os.environ, "XLA_FLAGS": XLA_VARIANTS[variant], "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "launch.bench_steps",
+        f"--child_variant={variant}",
+        f"--steps={','.join(_STEPS.value)}",
+        f"--repeats={_REPEATS.value}",
+        f"--iters={_ITERS.value}",
+      ],
+      env=env,
+      capture_output=True,
+      text=True,
+      check=False,
+    )
+    if out.returncode:
+      print(f"variant {variant} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+      continue
+    all_results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+  print(_table(all_results))
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(all_results, f, indent=2, default=float)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
