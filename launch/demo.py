@@ -20,6 +20,7 @@ from research.training import progress, report
 DEMO_CONFIGS = (
   ("classification_digits", "configs.classification_digits"),
   ("segmentation_street", "configs.segmentation_street"),
+  ("norm_selection_digits", "configs.norm_selection_digits"),
 )
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory of the demo.")

@@ -498,9 +498,12 @@ def select_random(candidate_mask, num_select: int, rng: jax.Array) -> np.ndarray
     ValueError: bad ``num_select`` or mask.
   """
   num_select = _check_count("num_select", num_select)
-  cand = np.flatnonzero(validate_candidate_mask(candidate_mask))
-  perm = np.asarray(jax.random.permutation(rng, cand.size))
-  return cand[perm[:num_select]].astype(np.int64)
+  mask = validate_candidate_mask(candidate_mask)
+  cand = np.flatnonzero(mask)
+  # One uniform key per sample (shape [N] whatever the pool size, so it compiles once); the
+  # candidates in order of their keys are a uniformly random permutation.
+  random_key = np.asarray(jax.random.uniform(rng, (mask.size,)))[cand]
+  return cand[np.lexsort((cand, random_key))][:num_select].astype(np.int64)
 
 
 def select_class_balanced_random(

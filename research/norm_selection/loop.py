@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -432,6 +432,75 @@ def run_selection_loop(
       on_round_end(state, params)
     if state.stop_reason is not None:
       return state, params
+
+
+def run_budget_loop(
+  state: SelectionState,
+  *,
+  budgets: Sequence[int],
+  select_fn: Callable[[SelectionState, Any, int], Any],
+  train_fn: Callable[[np.ndarray, Any], Any],
+  params=None,
+  warm_start: bool = True,
+  eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
+  on_round_end: Callable[[SelectionState, Any], None] | None = None,
+) -> tuple[SelectionState, Any]:
+  """Runs a baseline's rounds at given label budgets (the equal-budget comparison of M2).
+
+  METHODS.md M2 "Measure": the baselines are compared with the norm loop at the budgets the
+  loop reached. Round ``r`` draws ``budgets[r] - len(train set)`` samples from the pool with
+  ``select_fn`` (cut to that count), trains and evaluates. Unlike ``run_selection_loop`` no
+  sample is removed from the pool for being classified correctly: a baseline may draw any
+  sample not yet in its training set. Resuming works as in ``run_selection_loop`` (the round
+  index picks the budget).
+
+  Args:
+    state: the state to start from (``initial_state`` or a restored one).
+    budgets: strictly increasing label budgets (ints >= 1), one per round.
+    select_fn: ``(state, params, num_select) -> [S] indices`` from the pool, in priority order;
+      ``params`` is None before the first training.
+    train_fn: ``(train_indices [T], warm_params or None) -> params``.
+    params: the params of the last completed round when resuming.
+    warm_start: pass the previous params to ``train_fn`` (default) or None.
+    eval_fn: optional ``params -> {name: float}`` metrics stored in each round record.
+    on_round_end: optional ``(state, params) -> None`` hook after every completed round.
+
+  Returns:
+    ``(final state, params of the last round)``; the stop reason is ``'label_budget'`` after
+    the last budget, ``'pool_empty'`` when nothing is left to draw.
+
+  Raises:
+    ValueError: budgets not strictly increasing positive ints, a missing warm-start ``params``
+      on resume, or a draw that is not in the pool.
+  """
+  budgets = [int(b) for b in budgets]
+  if not budgets or budgets[0] < 1 or any(b <= a for a, b in zip(budgets, budgets[1:])):
+    raise ValueError(
+      f"budgets={budgets} is not allowed: budgets must be a non-empty, strictly increasing "
+      "list of ints >= 1"
+    )
+  if state.stop_reason is not None:
+    return state, params
+  if warm_start and state.round > 0 and params is None:
+    raise ValueError(
+      f"params=None is not allowed when resuming at round {state.round} with warm_start=True: "
+      "pass the params checkpointed with the state (or warm_start=False)"
+    )
+  while state.round < len(budgets):
+    need = budgets[state.round] - state.train_indices.size
+    if not state.remaining.any():
+      return dataclasses.replace(state, stop_reason="pool_empty"), params
+    new = np.asarray(select_fn(state, params, need), np.int64)[: max(need, 0)]
+    state = add_samples(state, new)
+    params = train_fn(state.train_indices, params if warm_start else None)
+    metrics = eval_fn(params) if eval_fn is not None else {}
+    record = _round_record(state, new.size, 0, 0, metrics)
+    state = dataclasses.replace(state, round=state.round + 1, history=(*state.history, record))
+    if state.round == len(budgets):
+      state = dataclasses.replace(state, stop_reason="label_budget")
+    if on_round_end is not None:
+      on_round_end(state, params)
+  return state, params
 
 
 def state_to_dict(state: SelectionState) -> dict[str, np.ndarray | int]:

@@ -418,3 +418,85 @@ def test_bad_loop_inputs():
     loop.initial_state(labels, groups=labels[:5])
   with pytest.raises(ValueError, match=r"class ids \[3\] have no samples in groups"):
     loop.initial_state(labels, num_groups=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# The equal-budget baseline loop
+
+
+def random_select(state, params, num_select):
+  del params
+  gen = np.random.default_rng(state.round)
+  return gen.permutation(loop.pool_indices(state))[:num_select]
+
+
+def test_budget_loop_reaches_each_budget_without_removing_or_redrawing():
+  labels, _ = problem()
+  model = FakeModel(labels)
+  records = []
+  state, params = loop.run_budget_loop(
+    loop.initial_state(labels),
+    budgets=[10, 25, 40],
+    select_fn=random_select,
+    train_fn=model.train,
+    eval_fn=lambda p: {"score": float(p)},
+    on_round_end=lambda s, p: records.append((s.train_indices.copy(), s.remaining.copy())),
+  )
+  assert state.stop_reason == "label_budget" and state.round == 3
+  assert [h["num_labels"] for h in state.history] == [10, 25, 40]
+  assert [h["num_new"] for h in state.history] == [10, 15, 15]
+  assert len(set(state.train_indices.tolist())) == 40
+  assert not state.removed.any()  # baselines never remove correctly classified samples
+  for train, remaining in records:
+    assert remaining.sum() == NUM - train.size and not remaining[train].any()
+  # Warm start: each round continues from the previous params (10, then 10 + 25, ...).
+  assert [warm for _, warm in model.train_calls] == [None, 10, 35]
+  assert params == 75 and state.history[-1]["score"] == 75.0
+
+
+def test_budget_loop_oversized_draw_is_cut_and_pool_empty_stops():
+  labels, _ = problem()
+  state, _ = loop.run_budget_loop(
+    loop.initial_state(labels),
+    budgets=[5, NUM, NUM + 10],
+    select_fn=lambda s, p, n: loop.pool_indices(s),  # ignores n: the loop cuts the draw
+    train_fn=lambda idx, warm: 0,
+  )
+  assert [h["num_labels"] for h in state.history] == [5, NUM]
+  assert state.stop_reason == "pool_empty"
+
+
+def test_budget_loop_resumes_like_an_uninterrupted_run():
+  labels, _ = problem()
+  kwargs = dict(budgets=[9, 18, 30, 44], select_fn=random_select)
+  full, full_params = loop.run_budget_loop(
+    loop.initial_state(labels), train_fn=FakeModel(labels).train, **kwargs
+  )
+  saved = []
+  loop.run_budget_loop(
+    loop.initial_state(labels),
+    train_fn=FakeModel(labels).train,
+    on_round_end=lambda s, p: saved.append((loop.state_to_dict(s), p)),
+    **kwargs,
+  )
+  middle, middle_params = saved[1]
+  resumed, resumed_params = loop.run_budget_loop(
+    loop.state_from_dict(middle),
+    params=middle_params,
+    train_fn=FakeModel(labels).train,
+    **kwargs,
+  )
+  assert_states_equal(full, resumed)
+  assert full_params == resumed_params
+
+
+@pytest.mark.parametrize("budgets", [[], [0, 5], [5, 5], [10, 4]])
+def test_budget_loop_rejects_bad_budgets(budgets):
+  labels, _ = problem()
+  with pytest.raises(ValueError, match="budgets must be a non-empty, strictly increasing"):
+    loop.run_budget_loop(
+      loop.initial_state(labels),
+      budgets=budgets,
+      select_fn=random_select,
+      train_fn=lambda idx, warm: 0,
+    )

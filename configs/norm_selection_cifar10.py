@@ -1,0 +1,26 @@
+"""M2 norm-ranked selection loop on CIFAR-10 from a TFDS data_dir. Args: None, 'demo', 'smoke'.
+
+Set `config.data.data_dir` to the directory where `tfds build cifar10 --data_dir=DIR
+--file_format=array_record` was run.
+"""
+
+import ml_collections
+
+from configs import norm_selection_digits, sizes
+
+
+def get_config(arg=None):
+  size = sizes.parse(arg)
+  config = norm_selection_digits.get_config(arg)
+  config.data.name = "cifar10"
+  config.data.max_train_examples = sizes.pick(size, full=0, demo=2000, smoke=0)
+  config.data.max_test_examples = sizes.pick(size, full=0, demo=500, smoke=0)
+  config.model = ml_collections.ConfigDict(
+    dict(stage_sizes=(2, 2, 2), widths=(32, 64, 128), embedding_dim=64, stem_strides=1)
+  )
+  config.train.steps_per_round = sizes.pick(size, full=2000, demo=100, smoke=2)
+  config.train.batch_size = sizes.pick(size, full=128, demo=64, smoke=8)
+  config.selection.m = sizes.pick(size, full=100, demo=10, smoke=1)
+  config.selection.max_remaining_per_class = sizes.pick(size, full=100, demo=10, smoke=0)
+  config.selection.max_rounds = sizes.pick(size, full=10, demo=4, smoke=2)
+  return config

@@ -1,0 +1,56 @@
+"""M2 norm-ranked selection loop on the embedded digits. Args: None (full), 'demo' or 'smoke'."""
+
+import ml_collections
+
+from configs import sizes
+
+
+def get_config(arg=None):
+  size = sizes.parse(arg)
+  config = ml_collections.ConfigDict()
+  config.experiment = "norm_selection"
+  config.seed = 0
+  config.num_seeds = sizes.pick(size, full=5, demo=3, smoke=1)
+  config.data = dict(
+    name="digits", data_dir="", imbalance_ratio=1.0, max_train_examples=0, max_test_examples=0
+  )
+  config.model = dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, stem_strides=1)
+  config.optim = dict(
+    name="adam",
+    learning_rate=3e-3,
+    schedule="cosine",
+    warmup_steps=10,
+    weight_decay=0.0,
+    momentum=0.9,
+  )
+  config.train = dict(
+    # Every round (and every strategy) trains this many steps with one compiled step function.
+    steps_per_round=sizes.pick(size, full=300, demo=100, smoke=3),
+    # Full-data ceiling: this many warm-restarted cycles of steps_per_round on all samples.
+    full_data_cycles=sizes.pick(size, full=3, demo=3, smoke=1),
+    batch_size=sizes.pick(size, full=64, demo=64, smoke=16),
+    eval_batch_size=sizes.pick(size, full=256, demo=256, smoke=64),
+    log_every=sizes.pick(size, full=300, demo=100, smoke=3),
+  )
+  config.selection = dict(
+    m=sizes.pick(size, full=5, demo=5, smoke=4),  # samples per class and round (step 3 / 7)
+    a=None,  # from the upper side of the mean; None: ceil(m / 2)
+    norm_order="2",  # "1", "2" or "inf" (step 2)
+    channel_weights=None,  # None: luminance for RGB, uniform otherwise
+    grouping="labels",  # "labels" or "kmeans" (step 1; k-means of pixel vectors)
+    num_clusters=None,  # needed for grouping="kmeans"
+    warm_start=True,  # step 7: warm start (True) or from scratch (False)
+    # Stop conditions (step 6); None disables one.
+    max_remaining_per_class=sizes.pick(size, full=5, demo=5, smoke=0),
+    max_remaining_fraction=None,
+    label_budget=None,
+    max_rounds=sizes.pick(size, full=8, demo=5, smoke=2),
+  )
+  config.baselines = (
+    "random",
+    "class_balanced_random",
+    "max_entropy",
+    "moderate_coreset",
+  )
+  config.full_data = True
+  return config
