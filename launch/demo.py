@@ -21,6 +21,7 @@ DEMO_CONFIGS = (
   ("classification_digits", "configs.classification_digits"),
   ("segmentation_street", "configs.segmentation_street"),
   ("norm_selection_digits", "configs.norm_selection_digits"),
+  ("long_tail_digits", "configs.long_tail_digits"),
 )
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory of the demo.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -56,10 +57,16 @@ def start_run(workdir: str) -> Run:
   return Run(workdir, parallel.data_mesh(), MetricWriter(workdir), time.perf_counter())
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_init(model: nn.Module) -> Callable:
+  """One compiled `model.init` per (hashable) module configuration."""
+  return jax.jit(model.init)
+
+
 def init_params(model: nn.Module, rng: jax.Array, sample_image: np.ndarray) -> Any:
-  """Initial parameters from one example image ([H, W, C] uint8)."""
+  """Initial parameters from one example image ([H, W, C] uint8); compiled once per model."""
   x = jnp.zeros((1,) + sample_image.shape, jnp.float32)
-  return jax.jit(model.init)(rng, x)["params"]
+  return _jitted_init(model)(rng, x)["params"]
 
 
 def sampled_batch_fn(

@@ -1,0 +1,263 @@
+r"""Benchmark of M3: our jitted triplet loss and dual step vs pytorch-metric-learning on the CPU.
+
+    python -m launch.bench_long_tail --out=runs/bench_long_tail.json
+
+Two measurements, each timed alternately (JAX, torch, JAX, ...) with repeats:
+
+1. Triplet loss forward + backward, B = 256, d = 128, batch-hard with margin 0.2 on
+   L2-normalised embeddings: `core.batch_hard_triplet_loss` (jit of value_and_grad) vs
+   pytorch-metric-learning's `TripletMarginLoss(margin, reducer=MeanReducer())` with
+   `BatchHardMiner()` (the mean over anchors of the hardest triplet, the same quantity as
+   ours; the values are compared too).
+2. The full dual training step of the digits experiment (ResNet with stages (1, 1, 1),
+   widths (16, 32, 64), GroupNorm, 8x8 images, 32 head images + 8 x 4 PK images, Adam):
+   our compiled `steps.train_step` with `experiment.dual_loss_fn` vs the same network written
+   in torch with CE on the head batch + the pytorch-metric-learning loss on the PK batch.
+
+torch and pytorch-metric-learning are benchmark-only dependencies (not in setup.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+
+from research.long_tail import core, experiment
+from research.models.resnet import ResNet
+from research.training import state, steps
+
+_OUT = flags.DEFINE_string("out", "", "Where to write the JSON results (optional).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating rounds per measurement.")
+_ITERS = flags.DEFINE_integer("iters", 3, "Calls per round (time per call is reported).")
+
+MARGIN = 0.2
+
+
+def machine_info() -> dict:
+  """CPU model, core count and library versions."""
+  import torch
+
+  model = "unknown"
+  if os.path.exists("/proc/cpuinfo"):
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  try:
+    load = os.getloadavg()
+  except OSError:
+    load = None
+  return {
+    "cpu": model,
+    "cores": os.cpu_count(),
+    "load_average_1_5_15": load,
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jax_devices": [str(d) for d in jax.devices()],
+    "torch": torch.__version__,
+    "torch_threads": torch.get_num_threads(),
+  }
+
+
+def alternate(fns: dict, repeats: int, iters: int) -> dict:
+  """Times each callable `iters` times per round, rounds alternating; seconds per call."""
+  times = {name: [] for name in fns}
+  for fn in fns.values():  # warm-up (compilation, allocator)
+    fn()
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(iters):
+        fn()
+      times[name].append((time.perf_counter() - start) / iters)
+  return {
+    name: {"min": min(t), "median": float(np.median(t)), "max": max(t)} for name, t in times.items()
+  }
+
+
+def triplet_benchmark(repeats: int, iters: int) -> dict:
+  """Batch-hard triplet loss forward + backward, B = 256, d = 128."""
+  import torch
+  from pytorch_metric_learning import losses as pml_losses
+  from pytorch_metric_learning import miners, reducers
+
+  rs = np.random.RandomState(0)
+  emb = rs.randn(256, 128).astype(np.float32)
+  labels = np.repeat(np.arange(32), 8)
+
+  def jax_loss(e, y):
+    return core.batch_hard_triplet_loss(core.l2_normalize(e), y, MARGIN)
+
+  jax_fn = jax.jit(jax.value_and_grad(jax_loss))
+  e_j, y_j = jnp.asarray(emb), jnp.asarray(labels)
+
+  pml_loss = pml_losses.TripletMarginLoss(margin=MARGIN, reducer=reducers.MeanReducer())
+  miner = miners.BatchHardMiner()
+  e_t = torch.tensor(emb, requires_grad=True)
+  y_t = torch.tensor(labels)
+
+  def torch_step():
+    e_t.grad = None
+    loss = pml_loss(e_t, y_t, miner(e_t, y_t))
+    loss.backward()
+    return loss
+
+  def jax_step():
+    return jax.block_until_ready(jax_fn(e_j, y_j))
+
+  value_jax = float(jax_step()[0])
+  value_torch = float(torch_step().detach())
+  timing = alternate({"jax": jax_step, "torch_pml": torch_step}, repeats, iters)
+  return {
+    "what": "batch-hard triplet loss forward+backward, B=256, d=128, margin 0.2",
+    "loss_jax": value_jax,
+    "loss_torch_pml": value_torch,
+    **timing,
+    "ratio_torch_over_jax": timing["torch_pml"]["median"] / timing["jax"]["median"],
+  }
+
+
+def _torch_resnet(num_classes: int, emb_dim: int):
+  """The digits ResNet (stages (1, 1, 1), widths (16, 32, 64), GroupNorm) in torch."""
+  import torch
+  from torch import nn
+
+  def gn(c):
+    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if c % g == 0), c)
+
+  class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.n1 = gn(cout)
+      self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.n2 = gn(cout)
+      self.short = None
+      if stride != 1 or cin != cout:
+        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), gn(cout))
+
+    def forward(self, x):
+      y = self.n2(self.c2(torch.relu(self.n1(self.c1(x)))))
+      return torch.relu((x if self.short is None else self.short(x)) + y)
+
+  class Net(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), gn(16), nn.ReLU())
+      self.blocks = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
+      self.embedding = nn.Linear(64, emb_dim)
+      self.classifier = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+      pooled = self.blocks(self.stem(x)).mean((2, 3))
+      emb = torch.nn.functional.normalize(self.embedding(pooled), dim=-1)
+      return self.classifier(pooled), emb
+
+  return Net()
+
+
+def dual_step_benchmark(repeats: int, iters: int) -> dict:
+  """The digits experiment's dual step (32 head + 8 x 4 PK images) in JAX vs torch + pml."""
+  import torch
+  from pytorch_metric_learning import losses as pml_losses
+  from pytorch_metric_learning import miners, reducers
+
+  num_classes, head_classes = 10, np.arange(5)
+  rs = np.random.RandomState(0)
+  head_img = rs.randint(0, 256, (32, 8, 8, 1)).astype(np.uint8)
+  head_lab = rs.randint(0, 5, 32)
+  pk_img = rs.randint(0, 256, (32, 8, 8, 1)).astype(np.uint8)
+  pk_lab = np.repeat(rs.choice(num_classes, 8, replace=False), 4)
+
+  model = ResNet(num_classes, (1, 1, 1), (16, 32, 64), 32, 1)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  tx = optax.adam(1e-3)
+  loss_fn = functools.partial(
+    experiment.dual_loss_fn,
+    model=model,
+    head_classes=head_classes,
+    lambda_ce=1.0,
+    lambda_tri=1.0,
+    mining="batch_hard",
+    margin=MARGIN,
+  )
+  step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx))
+  batch = {
+    "head_image": jnp.asarray(head_img),
+    "head_label": jnp.asarray(head_lab),
+    "pk_image": jnp.asarray(pk_img),
+    "pk_label": jnp.asarray(pk_lab),
+  }
+  holder = {"state": state.create_train_state(params, tx)}
+  rng = jax.random.key(1)
+
+  def jax_step():
+    holder["state"], metrics = step(holder["state"], batch, rng)
+    return jax.block_until_ready(metrics["loss"])
+
+  net = _torch_resnet(num_classes, 32)
+  opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+  pml_loss = pml_losses.TripletMarginLoss(margin=MARGIN, reducer=reducers.MeanReducer())
+  miner = miners.BatchHardMiner()
+  to_t = lambda im: torch.tensor(im, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0  # noqa: E731
+  th_img, th_lab = to_t(head_img), torch.tensor(head_lab)
+  tp_img, tp_lab = to_t(pk_img), torch.tensor(pk_lab)
+  head_idx = torch.tensor(head_classes)
+
+  def torch_step():
+    opt.zero_grad()
+    logits, _ = net(th_img)
+    _, emb = net(tp_img)
+    ce = torch.nn.functional.cross_entropy(logits[:, head_idx], th_lab)
+    loss = ce + pml_loss(emb, tp_lab, miner(emb, tp_lab))
+    loss.backward()
+    opt.step()
+    return loss
+
+  timing = alternate({"jax": jax_step, "torch_pml": torch_step}, repeats, iters)
+  return {
+    "what": "dual step: ResNet(1,1,1)x(16,32,64) GroupNorm, 8x8x1, 32 head + 8x4 PK, Adam",
+    **timing,
+    "ratio_torch_over_jax": timing["torch_pml"]["median"] / timing["jax"]["median"],
+  }
+
+
+def main(argv):
+  """Runs both benchmarks, prints a table and writes the JSON."""
+  del argv
+  results = {
+    "machine": machine_info(),
+    "repeats": _REPEATS.value,
+    "iters_per_repeat": _ITERS.value,
+    "triplet_loss": triplet_benchmark(_REPEATS.value, _ITERS.value),
+    "dual_step": dual_step_benchmark(_REPEATS.value, _ITERS.value),
+  }
+  print(f"{'benchmark':<14} {'impl':<10} {'min ms':>8} {'median ms':>10} {'max ms':>8}")
+  for key in ("triplet_loss", "dual_step"):
+    r = results[key]
+    for impl in ("jax", "torch_pml"):
+      t = r[impl]
+      print(
+        f"{key:<14} {impl:<10} {1e3 * t['min']:8.3f} {1e3 * t['median']:10.3f} "
+        f"{1e3 * t['max']:8.3f}"
+      )
+    print(f"{key:<14} ratio torch/jax (median): {r['ratio_torch_over_jax']:.2f}")
+  tl = results["triplet_loss"]
+  print(f"loss values: jax {tl['loss_jax']:.6f}, torch_pml {tl['loss_torch_pml']:.6f}")
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
