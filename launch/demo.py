@@ -22,6 +22,7 @@ DEMO_CONFIGS = (
   ("segmentation_street", "configs.segmentation_street"),
   ("norm_selection_digits", "configs.norm_selection_digits"),
   ("long_tail_digits", "configs.long_tail_digits"),
+  ("ot_perturbation_street", "configs.ot_perturbation_street"),
 )
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory of the demo.")

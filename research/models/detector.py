@@ -135,8 +135,9 @@ class Detector(nn.Module):
       train: passed on to the backbone.
 
     Returns:
-      The :class:`CenterNetHead` outputs plus the backbone's ``embedding [B, D]`` (the pooled
-      features M5 matches by optimal transport).
+      The :class:`CenterNetHead` outputs plus the backbone's ``embedding [B, D]`` and
+      ``pooled [B, F]`` (the backbone's own ``pooled`` output, e.g. ``ResNet``'s, else the
+      spatial mean of the feature map): the pooled features M5 matches by optimal transport.
     """
     _check_positive_int("stride", self.stride)
     features = self.backbone(x, train)
@@ -148,7 +149,8 @@ class Detector(nn.Module):
         f"and stride={self.stride} it must be {expected}"
       )
     outputs = CenterNetHead(self.num_classes, self.head_channels, name="head")(feature_map)
-    return {**outputs, "embedding": features["embedding"]}
+    pooled = features.get("pooled", jnp.mean(feature_map, axis=(1, 2)))
+    return {**outputs, "embedding": features["embedding"], "pooled": pooled}
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,7 +378,8 @@ def decode_detections(
 
   Heatmap probabilities are kept only where they equal their 3x3 max-pool (the NMS), then the
   ``top_k`` scores over all cells and classes are taken; box = centre ``(cell + offset) * s``
-  +- half the predicted size ``* s``.
+  +- half the predicted size ``* s`` (negative predicted sizes are clipped to 0, so boxes
+  always have ``x1 >= x0`` and ``y1 >= y0``).
 
   Args:
     outputs: ``heatmap [B, h, w, K]`` logits, ``size [B, h, w, 2]``, ``offset [B, h, w, 2]``.
@@ -398,7 +401,7 @@ def decode_detections(
   scores, flat = jax.lax.top_k(heat.reshape(batch, -1), top_k)
   cls = flat % k
   cells = flat // k
-  size = _gather_at(outputs["size"], cells)
+  size = jnp.maximum(_gather_at(outputs["size"], cells), 0.0)  # A negative size is empty.
   offset = _gather_at(outputs["offset"], cells)
   cx = (cells % w + offset[..., 0]) * stride
   cy = (cells // w + offset[..., 1]) * stride

@@ -389,7 +389,8 @@ def ot_attack(
   Returns:
     ``(x_target, aux)``: ``x_target [B, H, W, C]`` inside the eps ball and [0, 1]; ``aux``
     holds ``distances [steps + 1]`` (``D`` at every iterate, the starting one included; the
-    last is the returned set's) and ``finite`` (bool, every ``D`` finite).
+    last is the returned set's), ``finite`` (bool, every ``D`` finite) and the Sinkhorn
+    ``converged`` flag and ``n_iters`` of the returned set's ``D``.
   """
   _check_image_set("x_clean", x_clean)
   if x_init.shape != x_clean.shape:
@@ -411,11 +412,13 @@ def ot_attack(
 
   x_start = _project(x_clean, x_init, eps)
   x_target, distances = jax.lax.scan(ascent_step, x_start, None, length=steps)
-  final_distance = _feature_distance_to(features_fn, f_clean, config)(x_target)
+  final_distance, final_aux = feature_matching_distance(f_clean, features_fn(x_target), config)
   distances = jnp.concatenate([distances, final_distance[None]])
   return jax.lax.stop_gradient(x_target), {
     "distances": distances,
     "finite": jnp.all(jnp.isfinite(distances)),
+    "converged": final_aux["converged"],
+    "n_iters": final_aux["n_iters"],
   }
 
 
@@ -457,6 +460,50 @@ def best_of_candidates(
     "index": index,
     "finite": jnp.all(jnp.isfinite(distances)),
   }
+
+
+def pgd_attack(
+  loss_fn: Callable[[Array], Array],
+  x_clean: Array,
+  x_init: Array,
+  *,
+  eps: float | Array,
+  alpha: float | Array,
+  steps: int,
+) -> Array:
+  """PGD on a task loss (Madry et al. 2018): the baseline attack and adversarial training.
+
+  ``steps`` times ``x' <- clip(Proj_eps(x' + alpha * sign(grad_{x'} loss(x'))), 0, 1)``, the same
+  update as :func:`ot_attack` but ascending the task (detection or classification) loss with the
+  true labels instead of ``D``.
+
+  Args:
+    loss_fn: pure ``images [B, H, W, C] -> scalar loss`` (a closure over parameters, targets).
+    x_clean: clean images ``[B, H, W, C]`` in [0, 1].
+    x_init: start ``[B, H, W, C]`` (e.g. :func:`perturbed_images`, the uniform random start).
+    eps: L-inf radius, in [0, 1].
+    alpha: step size, > 0.
+    steps: number of ascent steps, >= 0.
+
+  Returns:
+    Adversarial images ``[B, H, W, C]`` inside the eps ball and [0, 1] (no gradient).
+  """
+  _check_image_set("x_clean", x_clean)
+  if x_init.shape != x_clean.shape:
+    raise ValueError(
+      f"x_init has shape {x_init.shape}: it must match x_clean's shape {x_clean.shape}"
+    )
+  _check_in_range("eps", eps, 0.0, 1.0, "a number in [0, 1]")
+  _check_positive("alpha", alpha)
+  if not isinstance(steps, int) or steps < 0:
+    raise ValueError(f"steps={steps} is not allowed: steps must be an int >= 0")
+  grad_fn = jax.grad(loss_fn)
+
+  def ascent_step(x_adv, _):
+    return _project(x_clean, x_adv + alpha * jnp.sign(grad_fn(x_adv)), eps), None
+
+  x_adv, _ = jax.lax.scan(ascent_step, _project(x_clean, x_init, eps), None, length=steps)
+  return jax.lax.stop_gradient(x_adv)
 
 
 # --------------------------------------------------------------------------------------------

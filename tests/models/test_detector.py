@@ -231,3 +231,14 @@ def test_bad_inputs_raise(rng):
     )
   with pytest.raises(ValueError, match="top_k=1000"):
     det.decode_detections(_perfect_outputs(_encode()), stride=STRIDE, top_k=1000)
+
+
+def test_decoding_clips_negative_sizes_to_empty_boxes():
+  outputs = {
+    "heatmap": jnp.zeros((1, 4, 4, 1)).at[0, 1, 2, 0].set(5.0),
+    "size": jnp.full((1, 4, 4, 2), -3.0),
+    "offset": jnp.full((1, 4, 4, 2), 0.5),
+  }
+  decoded = det.decode_detections(outputs, stride=2, top_k=1)
+  # Centre ((2 + 0.5) * 2, (1 + 0.5) * 2) = (5, 3); the negative size becomes 0.
+  np.testing.assert_allclose(decoded["boxes"][0, 0], [5.0, 3.0, 5.0, 3.0])

@@ -354,3 +354,42 @@ def test_convergence_rule():
     core.stop_reason(float("nan"), 4, rule)
   with pytest.raises(ValueError, match="max_steps=0"):
     core.ConvergenceRule(loss_threshold=0.5, max_steps=0)
+
+
+def test_pgd_attack_on_a_linear_loss_matches_numpy(rng):
+  # loss(x) = sum(w * x): every ascent step moves by alpha * sign(w), then projects.
+  x = jax.random.uniform(jax.random.key(7), (2, 4, 4, 3))
+  w = np.random.default_rng(0).normal(size=(2, 4, 4, 3)).astype(np.float32)
+  x_init = _perturb(rng, x, eps=EPS)
+  x_adv = jax.jit(
+    lambda x, x0: core.pgd_attack(
+      lambda xp: jnp.sum(w * xp), x, x0, eps=EPS, alpha=EPS / 3, steps=4
+    )
+  )(x, x_init)
+  expected = np.asarray(x_init)
+  for _ in range(4):
+    expected = np.clip(expected + EPS / 3 * np.sign(w), np.asarray(x) - EPS, np.asarray(x) + EPS)
+    expected = np.clip(expected, 0.0, 1.0)
+  np.testing.assert_allclose(x_adv, expected, atol=1e-6)
+  assert float(jnp.max(jnp.abs(x_adv - x))) <= EPS + 1e-6
+
+
+def test_ot_attack_reports_sinkhorn_convergence(rng):
+  features_fn = _toy_features_fn()
+  x = jax.random.uniform(jax.random.key(8), (4, 4, 4, 3))
+  config = core.SinkhornConfig(max_iterations=30, min_iterations=30)
+  _, aux = jax.jit(
+    lambda x, x0: core.ot_attack(
+      features_fn, x, x0, eps=EPS, alpha=EPS, steps=1, sinkhorn_config=config
+    )
+  )(x, _perturb(rng, x, eps=EPS))
+  assert int(aux["n_iters"]) == 30  # the fixed iteration count
+  assert aux["converged"].dtype == jnp.bool_
+
+
+@pytest.mark.parametrize("kwargs", [dict(steps=-1), dict(alpha=0.0), dict(eps=2.0)])
+def test_pgd_attack_bad_arguments_raise(rng, kwargs):
+  x = jnp.zeros((1, 2, 2, 1))
+  args = dict(eps=EPS, alpha=EPS, steps=1) | kwargs
+  with pytest.raises(ValueError, match=next(iter(kwargs))):
+    core.pgd_attack(jnp.sum, x, x, **args)

@@ -1,0 +1,22 @@
+"""M5, classification variant on CIFAR-10 (TFDS catalogue). Args: None, 'demo' or 'smoke'."""
+
+import ml_collections
+
+from configs import ot_perturbation_digits, sizes
+
+
+def get_config(arg=None):
+  size = sizes.parse(arg)
+  config = ot_perturbation_digits.get_config(arg)
+  config.data.name = "cifar10"
+  config.data.max_test_examples = sizes.pick(size, full=10000, demo=512, smoke=16)
+  config.model = ml_collections.ConfigDict(
+    dict(stage_sizes=(2, 2, 2), widths=(32, 64, 128), embedding_dim=64, stem_strides=1)
+  )
+  config.train.steps = sizes.pick(size, full=20000, demo=200, smoke=2)
+  config.train.batch_size = sizes.pick(size, full=128, demo=32, smoke=8)
+  config.ot.eps = 8.0 / 255.0
+  config.ot.alpha = 2.0 / 255.0
+  config.ot.ascent_steps = sizes.pick(size, full=2, demo=1, smoke=1)
+  config.attack.steps = sizes.pick(size, full=10, demo=5, smoke=1)
+  return config
