@@ -23,6 +23,7 @@ DEMO_CONFIGS = (
   ("norm_selection_digits", "configs.norm_selection_digits"),
   ("long_tail_digits", "configs.long_tail_digits"),
   ("ot_perturbation_street", "configs.ot_perturbation_street"),
+  ("incremental_panoptic_street", "configs.incremental_panoptic_street"),
 )
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory of the demo.")

@@ -46,26 +46,32 @@ class TinyMultiScaleBackbone(nn.Module):
   """A small strided-conv backbone for tests and CPU experiments.
 
   Attributes:
-    widths: channel widths of the returned feature maps; map ``i`` has stride ``4 * 2**i``
-      (so the default gives strides 4, 8, 16).
+    widths: channel widths of the returned feature maps; map ``i`` has stride
+      ``stem_stride * 2 * 2**i`` (so the defaults give strides 4, 8, 16).
+    stem_stride: stride of the stem convolution, 1 or 2 (1 halves every stride, e.g. for
+      32x32 images whose masks would be too coarse at stride 4).
   """
 
   widths: Sequence[int] = (16, 32, 64)
+  stem_stride: int = 2
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, list[jax.Array]]:
     """Computes multi-scale features.
 
     Args:
-      x: images ``[B, H, W, 3]`` in [0, 1]; ``H`` and ``W`` divisible by ``4 * 2**(n-1)``.
+      x: images ``[B, H, W, 3]`` in [0, 1]; ``H`` and ``W`` divisible by
+        ``stem_stride * 2**n``.
       train: unused (GroupNorm has no train/eval difference); kept for the interface.
 
     Returns:
       ``{'features': [f_0, ..., f_{n-1}]}`` with ``f_i`` of shape
-      ``[B, H / (4 * 2**i), W / (4 * 2**i), widths[i]]``.
+      ``[B, H / s_i, W / s_i, widths[i]]``, ``s_i = stem_stride * 2 * 2**i``.
     """
     del train
-    h = ConvGNReLU(self.widths[0], stride=2)(x - 0.5)
+    if self.stem_stride not in (1, 2):
+      raise ValueError(f"stem_stride={self.stem_stride} is not allowed: use 1 or 2")
+    h = ConvGNReLU(self.widths[0], stride=self.stem_stride)(x - 0.5)
     features = []
     for width in self.widths:
       h = ConvGNReLU(width, stride=2)(h)
