@@ -20,6 +20,7 @@ from research.training import progress, report
 DEMO_CONFIGS = (
   ("classification_digits", "configs.classification_digits"),
   ("segmentation_street", "configs.segmentation_street"),
+  ("uap_street", "configs.uap_street"),
   ("norm_selection_digits", "configs.norm_selection_digits"),
   ("long_tail_digits", "configs.long_tail_digits"),
   ("ot_perturbation_street", "configs.ot_perturbation_street"),

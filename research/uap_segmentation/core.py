@@ -901,3 +901,49 @@ def mix_batches(
   x = jnp.concatenate([x_clean[:n_clean], x_adv[n_clean:]], axis=0)
   y = jnp.concatenate([y_clean[:n_clean], y_adv[n_clean:]], axis=0)
   return x, y
+
+
+def mixed_adversarial_batch(batch: dict, perturbation: jax.Array, ratio: float = 0.5) -> dict:
+  """The step-7 training batch: clean images mixed with their second samples ``clip(x + R)``.
+
+  METHODS.md M1 steps 6-7: the last ``round(ratio * B)`` images of the batch are replaced by
+  ``clip(x + R, 0, 1)``; every label stays the true label.
+
+  Args:
+    batch: ``{"image": [B, H, W, C] uint8 or float in [0, 1], "semantic": [B, H, W], ...}``.
+    perturbation: ``[H, W, C]`` unified perturbation ``R``.
+    ratio: static fraction in [0, 1] of second samples (0.5 is the 1:1 default).
+
+  Returns:
+    The batch with ``image`` as float32 ``[B, H, W, C]`` (other entries unchanged).
+  """
+  x = batch["image"]
+  x = x.astype(jnp.float32) / 255.0 if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+  y = batch["semantic"]
+  images, _ = mix_batches(x, y, second_samples(x, perturbation), y, ratio)
+  return {**batch, "image": images}
+
+
+def adversarial_training_loss(
+  params: Any,
+  batch: dict,
+  rng: jax.Array,
+  *,
+  loss_fn: Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]],
+  perturbation: jax.Array,
+  ratio: float = 0.5,
+) -> tuple[jax.Array, dict]:
+  """Adversarial-training loss: ``loss_fn`` on the mixed clean + second-sample batch (step 7).
+
+  Args:
+    params: model parameters.
+    batch: ``{"image": [B, H, W, C], "semantic": [B, H, W]}``.
+    rng: PRNG key passed on to ``loss_fn``.
+    loss_fn: the segmentation loss ``loss_fn(params, batch, rng) -> (loss, metrics)``.
+    perturbation: ``[H, W, C]`` unified perturbation ``R``.
+    ratio: static fraction of second samples per batch.
+
+  Returns:
+    ``(loss, metrics)`` of ``loss_fn`` on the mixed batch.
+  """
+  return loss_fn(params, mixed_adversarial_batch(batch, perturbation, ratio), rng)

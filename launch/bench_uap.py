@@ -1,0 +1,346 @@
+r"""Benchmark of M1's perturbation rounds: our jitted round vs the same attack in PyTorch (CPU).
+
+    python -m launch.bench_uap --out=runs/bench_uap.json [--images=16 --image_size=32]
+
+1. Rounds per second (images x rounds / s) of `core.iterative_fgsm` (jitted, targeted
+   iterative FGSM with the weighted per-pixel loss and Clip_xi) on the `Segmenter`, against the
+   same targeted iterative FGSM on the same architecture written in PyTorch, timed alternately
+   with repeats (min / median / max and the ratio of medians).
+2. Scaling of the per-dataset accumulation (`universal_perturbation_sharded`: data-parallel
+   rounds and the `lax.psum` of the weighted sum, and `accumulate_with_shard_map` alone) over
+   1, 2, 4, 8 fake CPU devices, in a subprocess with
+   `XLA_FLAGS=--xla_force_host_platform_device_count=8`. Fake devices share the same CPU cores,
+   so this measures overhead of the split, not a speed-up.
+
+Prints a table and writes JSON with machine information (CPU model, cores, load, versions).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", "runs/bench_uap.json", "Where to write the JSON results.")
+_IMAGES = flags.DEFINE_integer("images", 16, "Images per attacked batch.")
+_SIZE = flags.DEFINE_integer("image_size", 32, "Side of the square images.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Fast-gradient rounds per timed call.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating timed repeats per implementation.")
+_SCALING = flags.DEFINE_bool("scaling", True, "Also run the 1..8 fake-device scaling part.")
+_SCALING_CHILD = flags.DEFINE_bool("scaling_child", False, "Internal: run the scaling part here.")
+
+NUM_CLASSES = 9
+STAGE_SIZES, WIDTHS, DECODER_WIDTH = (1, 1, 1), (16, 32, 64), 32
+XI, ALPHA = 8.0 / 255.0, 2.0 / 255.0
+PAIRS = ((1, 0), (6, 5))  # sidewalk -> road, truck -> car in the street-scene classes.
+
+
+def machine_info() -> dict:
+  """CPU model, core count, load average and library versions."""
+  import jax
+
+  model = "unknown"
+  if os.path.exists("/proc/cpuinfo"):
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  info = {
+    "cpu": model,
+    "cores": os.cpu_count(),
+    "load_average_1_5_15": list(os.getloadavg()),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+  }
+  try:
+    import torch
+
+    info["torch"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+  except ImportError:
+    info["torch"] = None
+  return info
+
+
+def _inputs(seed: int = 0):
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  n, s = _IMAGES.value, _SIZE.value
+  x = rng.uniform(0.0, 1.0, (n, s, s, 3)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, (n, s, s)).astype(np.int32)
+  return x, labels
+
+
+def jax_attack():
+  """A zero-argument function that runs `rounds` jitted rounds on the batch and blocks."""
+  import jax
+  import jax.numpy as jnp
+
+  from research.models.resnet import Segmenter
+  from research.uap_segmentation import core
+
+  x, labels = _inputs()
+  model = Segmenter(NUM_CLASSES, STAGE_SIZES, WIDTHS, DECODER_WIDTH)
+  params = model.init(jax.random.key(0), jnp.zeros((1,) + x.shape[1:]))["params"]
+  mixed, mask = core.partial_targeted_labels(None, jnp.asarray(labels), jnp.asarray(PAIRS))
+
+  @jax.jit
+  def attack(params, x, mixed, mask):
+    logits_fn = lambda images: model.apply({"params": params}, images)["logits"]  # noqa: E731
+    return core.iterative_fgsm(
+      logits_fn, x, jnp.zeros_like(x), mixed, mask, rounds=_ROUNDS.value, alpha=ALPHA, xi=XI
+    )
+
+  x = jnp.asarray(x)
+  attack(params, x, mixed, mask).block_until_ready()  # compile
+  return lambda: attack(params, x, mixed, mask).block_until_ready()
+
+
+def torch_attack():
+  """The same attack on the same architecture in PyTorch (CPU); None without torch."""
+  try:
+    import torch
+    from torch import nn
+  except ImportError:
+    return None
+  import torch.nn.functional as F
+
+  def gn(c):
+    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if c % g == 0), c)
+
+  class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.n1 = gn(cout)
+      self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.n2 = gn(cout)
+      self.proj = None
+      if stride != 1 or cin != cout:
+        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), gn(cout))
+
+    def forward(self, x):
+      y = self.n2(self.c2(F.relu(self.n1(self.c1(x)))))
+      return F.relu((x if self.proj is None else self.proj(x)) + y)
+
+  class Segmenter(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False), gn(WIDTHS[0]))
+      blocks, cin = [], WIDTHS[0]
+      for stage, (n, w) in enumerate(zip(STAGE_SIZES, WIDTHS)):
+        stage_blocks = []
+        for b in range(n):
+          stage_blocks.append(Block(cin, w, 2 if stage > 0 and b == 0 else 1))
+          cin = w
+        blocks.append(nn.Sequential(*stage_blocks))
+      self.stages = nn.ModuleList(blocks)
+      self.lateral_last = nn.Conv2d(WIDTHS[-1], DECODER_WIDTH, 1)
+      self.laterals = nn.ModuleList(nn.Conv2d(w, DECODER_WIDTH, 1) for w in WIDTHS[:-1])
+      self.smooth = nn.ModuleList(
+        nn.Sequential(nn.Conv2d(DECODER_WIDTH, DECODER_WIDTH, 3, 1, 1), gn(DECODER_WIDTH))
+        for _ in WIDTHS[:-1]
+      )
+      self.classifier = nn.Conv2d(DECODER_WIDTH, NUM_CLASSES, 3, 1, 1)
+
+    def forward(self, x):
+      y = F.relu(self.stem(x))
+      features = []
+      for stage in self.stages:
+        y = stage(y)
+        features.append(y)
+      y = self.lateral_last(features[-1])
+      for i in reversed(range(len(features) - 1)):
+        f = features[i]
+        y = F.interpolate(y, size=f.shape[-2:], mode="nearest") + self.laterals[i](f)
+        y = F.relu(self.smooth[i](y))
+      y = F.interpolate(y, size=x.shape[-2:], mode="nearest")
+      return self.classifier(y)
+
+  torch.manual_seed(0)
+  model = Segmenter().eval()
+  for p in model.parameters():
+    p.requires_grad_(False)
+  x_np, labels_np = _inputs()
+  x = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()
+  labels = torch.from_numpy(labels_np).long()
+  pairs = torch.tensor(PAIRS)
+  matches = labels[..., None] == pairs[:, 0]
+  mask = matches.any(-1)
+  tgt = (matches.long() * pairs[:, 1]).sum(-1)
+  mixed = torch.where(mask, tgt, labels)
+  weights = torch.where(mask, 1.0, 1.0)
+  lower, upper = torch.clamp(-x, min=-XI), torch.clamp(1.0 - x, max=XI)
+
+  def attack():
+    r = torch.zeros_like(x)
+    for _ in range(_ROUNDS.value):
+      r.requires_grad_(True)
+      ce = F.cross_entropy(model(x + r), mixed, reduction="none")
+      loss = (weights * ce).mean(dim=(1, 2)).sum()
+      (grad,) = torch.autograd.grad(loss, r)
+      with torch.no_grad():
+        r = torch.minimum(torch.maximum(r - ALPHA * grad.sign(), lower), upper)
+    return r
+
+  attack()  # warm-up
+  return attack
+
+
+def _stats(times: list[float], work: float) -> dict:
+  import numpy as np
+
+  t = np.asarray(times)
+  return {
+    "seconds_min": float(t.min()),
+    "seconds_median": float(np.median(t)),
+    "seconds_max": float(t.max()),
+    "rounds_per_s_median": work / float(np.median(t)),
+    "rounds_per_s_best": work / float(t.min()),
+  }
+
+
+def bench_rounds() -> dict:
+  """Alternating timings of the JAX and the PyTorch attack."""
+  work = float(_IMAGES.value * _ROUNDS.value)
+  impls = {"jax (ours, jitted)": jax_attack(), "pytorch (cpu, eager)": torch_attack()}
+  impls = {k: v for k, v in impls.items() if v is not None}
+  times = {k: [] for k in impls}
+  for _ in range(_REPEATS.value):
+    for name, fn in impls.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  out = {name: _stats(ts, work) for name, ts in times.items()}
+  if len(out) == 2:
+    ours, peer = (v["seconds_median"] for v in out.values())
+    out["ratio_jax_over_pytorch_rounds_per_s"] = peer / ours
+  return out
+
+
+def bench_scaling() -> dict:
+  """Accumulation timings over 1, 2, 4, 8 devices (call with 8 fake devices)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from research.models.resnet import Segmenter
+  from research.uap_segmentation import core
+
+  x, labels = _inputs()
+  model = Segmenter(NUM_CLASSES, STAGE_SIZES, WIDTHS, DECODER_WIDTH)
+  params = model.init(jax.random.key(0), jnp.zeros((1,) + x.shape[1:]))["params"]
+  apply_fn = functools.partial(_apply_logits, model)
+  config = core.AttackConfig(rounds=_ROUNDS.value, alpha=ALPHA, xi=XI)
+  x, labels, pairs = jnp.asarray(x), jnp.asarray(labels), jnp.asarray(PAIRS)
+  r = jax.random.uniform(jax.random.key(1), (256,) + x.shape[1:], minval=-XI, maxval=XI)
+  w = jnp.full((256,), 1.0 / 256)
+  results, reference = {}, None
+  for n_dev in (1, 2, 4, 8):
+    if n_dev > jax.device_count():
+      break
+    mesh = core.device_mesh(jax.devices()[:n_dev])
+
+    def full(mesh=mesh):
+      return core.universal_perturbation_sharded(
+        apply_fn, params, jax.random.key(0), x, labels, pairs, config=config, mesh=mesh
+      ).r_d.block_until_ready()
+
+    def accumulate(mesh=mesh):
+      return core.accumulate_with_shard_map(r, w, mesh=mesh).block_until_ready()
+
+    r_d = full()
+    accumulate()
+    reference = r_d if reference is None else reference
+    timings = {"rounds_and_psum": [], "accumulate_only_256": []}
+    for _ in range(_REPEATS.value):
+      for key, fn in (("rounds_and_psum", full), ("accumulate_only_256", accumulate)):
+        start = time.perf_counter()
+        fn()
+        timings[key].append(time.perf_counter() - start)
+    results[str(n_dev)] = {
+      "rounds_and_psum_s_median": float(np.median(timings["rounds_and_psum"])),
+      "rounds_per_s": _IMAGES.value * _ROUNDS.value / float(np.median(timings["rounds_and_psum"])),
+      "accumulate_only_256_s_median": float(np.median(timings["accumulate_only_256"])),
+      "max_abs_diff_vs_1_device": float(np.max(np.abs(np.asarray(r_d) - np.asarray(reference)))),
+    }
+  return results
+
+
+def _apply_logits(model, params, images):
+  return model.apply({"params": params}, images)["logits"]
+
+
+def _scaling_in_subprocess() -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [
+    sys.executable,
+    "-m",
+    "launch.bench_uap",
+    "--scaling_child",
+    f"--images={_IMAGES.value}",
+    f"--image_size={_SIZE.value}",
+    f"--rounds={_ROUNDS.value}",
+    f"--repeats={_REPEATS.value}",
+  ]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  """Runs the benchmark, prints a table and writes the JSON."""
+  del argv
+  if _SCALING_CHILD.value:
+    print(json.dumps(bench_scaling()))
+    return
+  results = {
+    "machine": machine_info(),
+    "setup": {
+      "images": _IMAGES.value,
+      "image_size": _SIZE.value,
+      "rounds": _ROUNDS.value,
+      "repeats": _REPEATS.value,
+      "model": f"Segmenter stage_sizes={STAGE_SIZES} widths={WIDTHS} decoder={DECODER_WIDTH}",
+    },
+    "rounds": bench_rounds(),
+  }
+  if _SCALING.value:
+    results["scaling_fake_devices"] = _scaling_in_subprocess()
+  results["machine"]["load_average_after"] = list(os.getloadavg())
+  lines = ["implementation | rounds/s (median) | s/call min / median / max"]
+  for name, v in results["rounds"].items():
+    if isinstance(v, dict):
+      lines.append(
+        f"{name} | {v['rounds_per_s_median']:.1f} | {v['seconds_min']:.3f} / "
+        f"{v['seconds_median']:.3f} / {v['seconds_max']:.3f}"
+      )
+  if "ratio_jax_over_pytorch_rounds_per_s" in results["rounds"]:
+    lines.append(
+      f"ratio jax / pytorch: {results['rounds']['ratio_jax_over_pytorch_rounds_per_s']:.2f}"
+    )
+  for n_dev, v in results.get("scaling_fake_devices", {}).items():
+    lines.append(
+      f"{n_dev} fake devices | {v['rounds_per_s']:.1f} rounds/s | accumulate(256) "
+      f"{1e3 * v['accumulate_only_256_s_median']:.2f} ms | "
+      f"max diff {v['max_abs_diff_vs_1_device']:.1e}"
+    )
+  print("\n".join(lines))
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
