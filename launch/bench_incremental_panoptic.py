@@ -17,10 +17,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import time
 
 from absl import app, flags
+
+from launch import bench_common
 
 _OUT = flags.DEFINE_string("out", "runs/bench_incremental_panoptic.json", "JSON output path.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating repeats.")
@@ -28,28 +29,6 @@ _ITERS = flags.DEFINE_integer("iters", 5, "Calls per repeat.")
 _SHAPES = flags.DEFINE_list(
   "shapes", ["16x16x16", "16x100x50"], "Matching problems as BxQxT (batch, queries, targets)."
 )
-
-
-def machine_info() -> dict:
-  """CPU model, core count and library versions."""
-  import jax
-  import scipy
-
-  model = "unknown"
-  if os.path.exists("/proc/cpuinfo"):
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  return {
-    "cpu": model,
-    "cores": os.cpu_count(),
-    "load_average": os.getloadavg(),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "scipy": scipy.__version__,
-    "devices": [str(d) for d in jax.devices()],
-  }
 
 
 def _stats(times: list[float]) -> dict:
@@ -164,7 +143,7 @@ def bench_step(repeats: int, iters: int) -> dict:
 def main(argv):
   """Runs both benchmarks, prints a table and writes the JSON."""
   del argv
-  results = {"machine": machine_info(), "matching": {}}
+  results = {"machine": bench_common.machine_info(), "matching": {}}
   for shape in _SHAPES.value:
     b, q, t = (int(x) for x in shape.split("x"))
     results["matching"][shape] = bench_matching(b, q, t, _REPEATS.value, _ITERS.value)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import time
 
 import jax
@@ -31,6 +30,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from launch import bench_common
 from research.long_tail import core, experiment
 from research.models.resnet import ResNet
 from research.training import state, steps
@@ -40,32 +40,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating rounds per measuremen
 _ITERS = flags.DEFINE_integer("iters", 3, "Calls per round (time per call is reported).")
 
 MARGIN = 0.2
-
-
-def machine_info() -> dict:
-  """CPU model, core count and library versions."""
-  import torch
-
-  model = "unknown"
-  if os.path.exists("/proc/cpuinfo"):
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  try:
-    load = os.getloadavg()
-  except OSError:
-    load = None
-  return {
-    "cpu": model,
-    "cores": os.cpu_count(),
-    "load_average_1_5_15": load,
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "jax_devices": [str(d) for d in jax.devices()],
-    "torch": torch.__version__,
-    "torch_threads": torch.get_num_threads(),
-  }
 
 
 def alternate(fns: dict, repeats: int, iters: int) -> dict:
@@ -235,7 +209,7 @@ def main(argv):
   """Runs both benchmarks, prints a table and writes the JSON."""
   del argv
   results = {
-    "machine": machine_info(),
+    "machine": bench_common.machine_info(),
     "repeats": _REPEATS.value,
     "iters_per_repeat": _ITERS.value,
     "triplet_loss": triplet_benchmark(_REPEATS.value, _ITERS.value),

@@ -20,10 +20,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import time
 
 from absl import app, flags
+
+from launch import bench_common
 
 _OUT = flags.DEFINE_string("out", "runs/bench_ot.json", "Where to write the JSON results.")
 _SIZES = flags.DEFINE_list("sizes", ["32", "64", "128", "256", "512"], "Feature batch sizes.")
@@ -34,35 +35,6 @@ _STEP = flags.DEFINE_bool("train_step", True, "Also time the full training steps
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 1, "torch intra-op threads (0: default).")
 
 EPSILON = 0.05  # relative to the mean cost, as SinkhornConfig's default.
-
-
-def machine_info() -> dict:
-  """CPU model, core count, load average and library versions."""
-  import jax
-  import ot
-
-  model = "unknown"
-  if os.path.exists("/proc/cpuinfo"):
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  info = {
-    "cpu": model,
-    "cores": os.cpu_count(),
-    "load_average_1_5_15": list(os.getloadavg()),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "pot": ot.__version__,
-  }
-  try:
-    import torch
-
-    info["torch"] = torch.__version__
-    info["torch_threads"] = torch.get_num_threads()
-  except ImportError:
-    info["torch"] = None
-  return info
 
 
 def _timed(fns: dict, repeats: int) -> dict:
@@ -180,7 +152,7 @@ def main(argv):
     import torch
 
     torch.set_num_threads(_TORCH_THREADS.value)
-  results = {"machine": machine_info(), "ot_matching": [], "train_step": None}
+  results = {"machine": bench_common.machine_info(), "ot_matching": [], "train_step": None}
   print(f"{'N':>5} {'ours ms':>9} {'POT ms':>9} {'POT/ours':>9} {'D ours':>10} {'D POT':>10}")
   for n in map(int, _SIZES.value):
     r = ot_matching(n, _DIM.value, _ITERS.value, _REPEATS.value)

@@ -18,12 +18,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from launch import bench_common
 
 XLA_VARIANTS = {
   "default": "",
@@ -38,32 +39,6 @@ _STEPS = flags.DEFINE_list("steps", ["classification", "segmentation"], "Steps t
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating repeats per framework.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Steps per repeat.")
 _CHILD = flags.DEFINE_string("child_variant", None, "Internal: measure one variant in-process.")
-
-
-def machine_info() -> dict:
-  """CPU model, core count and library versions."""
-  import jax
-  import torch
-
-  model = "unknown"
-  if os.path.exists("/proc/cpuinfo"):
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  return {
-    "cpu": model,
-    "cores": os.cpu_count(),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
-    "torch": torch.__version__,
-    "torch_threads": torch.get_num_threads(),
-    "devices": [str(d) for d in jax.devices()],
-  }
-
-
-# ----------------------------------------------------------------------------- PyTorch peers
 
 
 def _torch_group_norm(channels: int):
@@ -305,7 +280,7 @@ def measure_variant(variant: str, steps_to_run, repeats: int, iters: int) -> dic
   results = {
     "variant": variant,
     "xla_flags": XLA_VARIANTS[variant],
-    "machine": machine_info(),
+    "machine": bench_common.machine_info(),
     "matmul": matmul_peak_gflops(),
     "steps": {},
   }

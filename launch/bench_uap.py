@@ -20,12 +20,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 from absl import app, flags
+
+from launch import bench_common
 
 _OUT = flags.DEFINE_string("out", "runs/bench_uap.json", "Where to write the JSON results.")
 _IMAGES = flags.DEFINE_integer("images", 16, "Images per attacked batch.")
@@ -39,33 +40,6 @@ NUM_CLASSES = 9
 STAGE_SIZES, WIDTHS, DECODER_WIDTH = (1, 1, 1), (16, 32, 64), 32
 XI, ALPHA = 8.0 / 255.0, 2.0 / 255.0
 PAIRS = ((1, 0), (6, 5))  # sidewalk -> road, truck -> car in the street-scene classes.
-
-
-def machine_info() -> dict:
-  """CPU model, core count, load average and library versions."""
-  import jax
-
-  model = "unknown"
-  if os.path.exists("/proc/cpuinfo"):
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
-  info = {
-    "cpu": model,
-    "cores": os.cpu_count(),
-    "load_average_1_5_15": list(os.getloadavg()),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-  }
-  try:
-    import torch
-
-    info["torch"] = torch.__version__
-    info["torch_threads"] = torch.get_num_threads()
-  except ImportError:
-    info["torch"] = None
-  return info
 
 
 def _inputs(seed: int = 0):
@@ -306,7 +280,7 @@ def main(argv):
     print(json.dumps(bench_scaling()))
     return
   results = {
-    "machine": machine_info(),
+    "machine": bench_common.machine_info(),
     "setup": {
       "images": _IMAGES.value,
       "image_size": _SIZE.value,
