@@ -13,7 +13,7 @@ def get_config(arg=None):
   config.data = dict(
     name="street_scenes",
     data_dir="",
-    image_size=sizes.pick(size, full=64, demo=64, smoke=32),
+    image_size=sizes.pick(size, full=64, demo=32, smoke=32),
     train_per_domain=sizes.pick(size, full=400, demo=200, smoke=8),
     test_per_domain=sizes.pick(size, full=100, demo=50, smoke=8),
     train_domains=("day", "dusk", "fog"),
