@@ -100,45 +100,6 @@ def triplet_benchmark(repeats: int, iters: int) -> dict:
   }
 
 
-def _torch_resnet(num_classes: int, emb_dim: int):
-  """The digits ResNet (stages (1, 1, 1), widths (16, 32, 64), GroupNorm) in torch."""
-  import torch
-  from torch import nn
-
-  def gn(c):
-    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if c % g == 0), c)
-
-  class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.n1 = gn(cout)
-      self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.n2 = gn(cout)
-      self.short = None
-      if stride != 1 or cin != cout:
-        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), gn(cout))
-
-    def forward(self, x):
-      y = self.n2(self.c2(torch.relu(self.n1(self.c1(x)))))
-      return torch.relu((x if self.short is None else self.short(x)) + y)
-
-  class Net(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), gn(16), nn.ReLU())
-      self.blocks = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 64, 2))
-      self.embedding = nn.Linear(64, emb_dim)
-      self.classifier = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-      pooled = self.blocks(self.stem(x)).mean((2, 3))
-      emb = torch.nn.functional.normalize(self.embedding(pooled), dim=-1)
-      return self.classifier(pooled), emb
-
-  return Net()
-
-
 def dual_step_benchmark(repeats: int, iters: int) -> dict:
   """The digits experiment's dual step (32 head + 8 x 4 PK images) in JAX vs torch + pml."""
   import torch
@@ -178,7 +139,7 @@ def dual_step_benchmark(repeats: int, iters: int) -> dict:
     holder["state"], metrics = step(holder["state"], batch, rng)
     return jax.block_until_ready(metrics["loss"])
 
-  net = _torch_resnet(num_classes, 32)
+  net = bench_common.torch_classifier((1, 1, 1), (16, 32, 64), num_classes, 32, 1)
   opt = torch.optim.Adam(net.parameters(), lr=1e-3)
   pml_loss = pml_losses.TripletMarginLoss(margin=MARGIN, reducer=reducers.MeanReducer())
   miner = miners.BatchHardMiner()

@@ -41,116 +41,6 @@ _ITERS = flags.DEFINE_integer("iters", 5, "Steps per repeat.")
 _CHILD = flags.DEFINE_string("child_variant", None, "Internal: measure one variant in-process.")
 
 
-def _torch_group_norm(channels: int):
-  import torch.nn as tnn
-
-  groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
-  return tnn.GroupNorm(groups, channels, eps=1e-6)
-
-
-def _torch_resnet_backbone(stage_sizes, widths, in_channels):
-  """The torch twin of `research.models.resnet.ResNet`'s backbone (same layers and shapes)."""
-  import torch
-  import torch.nn as tnn
-
-  class Block(tnn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.gn1 = _torch_group_norm(cout)
-      self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.gn2 = _torch_group_norm(cout)
-      self.proj = None
-      if stride != 1 or cin != cout:
-        self.proj = tnn.Sequential(
-          tnn.Conv2d(cin, cout, 1, stride, bias=False), _torch_group_norm(cout)
-        )
-
-    def forward(self, x):
-      y = torch.relu(self.gn1(self.conv1(x)))
-      y = self.gn2(self.conv2(y))
-      return torch.relu((self.proj(x) if self.proj is not None else x) + y)
-
-  class Backbone(tnn.Module):
-    def __init__(self):
-      super().__init__()
-      self.stem = tnn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-      self.gn = _torch_group_norm(widths[0])
-      stages, cin = [], widths[0]
-      for s, (n, w) in enumerate(zip(stage_sizes, widths)):
-        blocks = [Block(cin if b == 0 else w, w, 2 if s > 0 and b == 0 else 1) for b in range(n)]
-        stages.append(tnn.Sequential(*blocks))
-        cin = w
-      self.stages = tnn.ModuleList(stages)
-
-    def forward(self, x):
-      y = torch.relu(self.gn(self.stem(x)))
-      features = []
-      for stage in self.stages:
-        y = stage(y)
-        features.append(y)
-      return features
-
-  return Backbone()
-
-
-def torch_classifier(stage_sizes, widths, num_classes, embedding_dim, in_channels):
-  """Torch twin of `ResNet(num_classes, ...)`: backbone, mean pool, embedding and classifier."""
-  import torch
-  import torch.nn as tnn
-
-  class Classifier(tnn.Module):
-    def __init__(self):
-      super().__init__()
-      self.backbone = _torch_resnet_backbone(stage_sizes, widths, in_channels)
-      self.embedding = tnn.Linear(widths[-1], embedding_dim)
-      self.classifier = tnn.Linear(widths[-1], num_classes)
-
-    def forward(self, x):
-      pooled = self.backbone(x)[-1].mean((2, 3))
-      emb = self.embedding(pooled)
-      emb = emb / torch.sqrt((emb**2).sum(-1, keepdim=True) + 1e-12)
-      return self.classifier(pooled), emb
-
-  return Classifier()
-
-
-def torch_segmenter(stage_sizes, widths, decoder_width, num_classes):
-  """Torch twin of `Segmenter`: FPN-like decoder with nearest upsampling."""
-  import torch
-  import torch.nn as tnn
-
-  class Seg(tnn.Module):
-    def __init__(self):
-      super().__init__()
-      self.backbone = _torch_resnet_backbone(stage_sizes, widths, 3)
-      self.lateral_last = tnn.Conv2d(widths[-1], decoder_width, 1)
-      self.laterals = tnn.ModuleList([tnn.Conv2d(w, decoder_width, 1) for w in widths[:-1]])
-      self.smooth = tnn.ModuleList(
-        [
-          tnn.Sequential(
-            tnn.Conv2d(decoder_width, decoder_width, 3, 1, 1),
-            _torch_group_norm(decoder_width),
-            tnn.ReLU(),
-          )
-          for _ in widths[:-1]
-        ]
-      )
-      self.classifier = tnn.Conv2d(decoder_width, num_classes, 3, 1, 1)
-
-    def forward(self, x):
-      features = self.backbone(x)
-      y = self.lateral_last(features[-1])
-      for i in reversed(range(len(features) - 1)):
-        f = features[i]
-        y = torch.nn.functional.interpolate(y, size=f.shape[2:], mode="nearest")
-        y = self.smooth[i](y + self.laterals[i](f))
-      y = torch.nn.functional.interpolate(y, size=x.shape[2:], mode="nearest")
-      return self.classifier(y)
-
-  return Seg()
-
-
 # ----------------------------------------------------------------------------- measurements
 
 STEP_SPECS = {
@@ -222,10 +112,12 @@ def _torch_step(name: str, spec: dict):
   b, s, c, k = spec["batch"], spec["size"], spec["channels"], spec["classes"]
   x = torch.tensor(rng.integers(0, 256, (b, c, s, s)), dtype=torch.uint8)
   if name == "classification":
-    model = torch_classifier(spec["stage_sizes"], spec["widths"], k, 64, c)
+    model = bench_common.torch_classifier(spec["stage_sizes"], spec["widths"], k, 64, c)
     y = torch.tensor(rng.integers(0, k, (b,)))
   else:
-    model = torch_segmenter(spec["stage_sizes"], spec["widths"], spec["decoder_width"], k)
+    model = bench_common.torch_segmenter(
+      spec["stage_sizes"], spec["widths"], spec["decoder_width"], k
+    )
     y = torch.tensor(rng.integers(0, k, (b, s, s)))
   opt = torch.optim.Adam(model.parameters(), 1e-3)
 

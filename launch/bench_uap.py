@@ -81,65 +81,12 @@ def torch_attack():
   """The same attack on the same architecture in PyTorch (CPU); None without torch."""
   try:
     import torch
-    from torch import nn
   except ImportError:
     return None
   import torch.nn.functional as F
 
-  def gn(c):
-    return nn.GroupNorm(next(g for g in (8, 4, 2, 1) if c % g == 0), c)
-
-  class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.n1 = gn(cout)
-      self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.n2 = gn(cout)
-      self.proj = None
-      if stride != 1 or cin != cout:
-        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), gn(cout))
-
-    def forward(self, x):
-      y = self.n2(self.c2(F.relu(self.n1(self.c1(x)))))
-      return F.relu((x if self.proj is None else self.proj(x)) + y)
-
-  class Segmenter(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.stem = nn.Sequential(nn.Conv2d(3, WIDTHS[0], 3, 1, 1, bias=False), gn(WIDTHS[0]))
-      blocks, cin = [], WIDTHS[0]
-      for stage, (n, w) in enumerate(zip(STAGE_SIZES, WIDTHS)):
-        stage_blocks = []
-        for b in range(n):
-          stage_blocks.append(Block(cin, w, 2 if stage > 0 and b == 0 else 1))
-          cin = w
-        blocks.append(nn.Sequential(*stage_blocks))
-      self.stages = nn.ModuleList(blocks)
-      self.lateral_last = nn.Conv2d(WIDTHS[-1], DECODER_WIDTH, 1)
-      self.laterals = nn.ModuleList(nn.Conv2d(w, DECODER_WIDTH, 1) for w in WIDTHS[:-1])
-      self.smooth = nn.ModuleList(
-        nn.Sequential(nn.Conv2d(DECODER_WIDTH, DECODER_WIDTH, 3, 1, 1), gn(DECODER_WIDTH))
-        for _ in WIDTHS[:-1]
-      )
-      self.classifier = nn.Conv2d(DECODER_WIDTH, NUM_CLASSES, 3, 1, 1)
-
-    def forward(self, x):
-      y = F.relu(self.stem(x))
-      features = []
-      for stage in self.stages:
-        y = stage(y)
-        features.append(y)
-      y = self.lateral_last(features[-1])
-      for i in reversed(range(len(features) - 1)):
-        f = features[i]
-        y = F.interpolate(y, size=f.shape[-2:], mode="nearest") + self.laterals[i](f)
-        y = F.relu(self.smooth[i](y))
-      y = F.interpolate(y, size=x.shape[-2:], mode="nearest")
-      return self.classifier(y)
-
   torch.manual_seed(0)
-  model = Segmenter().eval()
+  model = bench_common.torch_segmenter(STAGE_SIZES, WIDTHS, DECODER_WIDTH, NUM_CLASSES).eval()
   for p in model.parameters():
     p.requires_grad_(False)
   x_np, labels_np = _inputs()
