@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8,<10",
+        "pytest-xdist>=3.5,<4",  # the suite runs on 2 workers (launch/run_tests.sh)
         "POT>=0.9.4,<0.10",  # independent optimal-transport reference
         "nbclient>=0.10,<0.12",
         "nbformat>=5.10,<6",

@@ -7,4 +7,4 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 export RESEARCH_DATA_DIR="${RESEARCH_DATA_DIR:-$PWD/.cache/tfds}"
-exec .venv/bin/python -m pytest tests "$@"
+exec .venv/bin/python -m pytest tests -n 2 "$@"

@@ -9,7 +9,9 @@ environment variable `RESEARCH_DATA_DIR`, else `~/.cache/research/tfds`.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -114,9 +116,23 @@ class Digits(tfds.core.GeneratorBasedBuilder):
       yield i, {"image": image, "label": label}
 
 
-def prepared_builder(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  """Generates the builder's files once (no-op when they already exist) and returns it."""
-  builder.download_and_prepare(file_format=FILE_FORMAT)
+def prepared_builder(
+  make_builder: Callable[[], tfds.core.DatasetBuilder], data_dir: str
+) -> tfds.core.DatasetBuilder:
+  """Generates a builder's files once (no-op when they exist) and returns the builder.
+
+  Processes sharing `data_dir` (pytest workers, hosts of one job) take turns under an exclusive
+  file lock, and the builder is created inside the lock, so a process that waited reads the
+  files the first one wrote instead of writing them again.
+  """
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = make_builder()
+      builder.download_and_prepare(file_format=FILE_FORMAT)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
 
 
@@ -128,12 +144,13 @@ def street_scenes_builder(
 ) -> StreetScenes:
   """The prepared `StreetScenes` builder of the given size."""
   config = street_scenes_config(image_size, train_per_domain, test_per_domain)
-  builder = StreetScenes(
-    config=config, data_dir=data_dir or default_data_dir(), file_format=FILE_FORMAT
+  data_dir = data_dir or default_data_dir()
+  return prepared_builder(
+    lambda: StreetScenes(config=config, data_dir=data_dir, file_format=FILE_FORMAT), data_dir
   )
-  return prepared_builder(builder)
 
 
 def digits_builder(data_dir: str | None = None) -> Digits:
   """The prepared `Digits` builder."""
-  return prepared_builder(Digits(data_dir=data_dir or default_data_dir(), file_format=FILE_FORMAT))
+  data_dir = data_dir or default_data_dir()
+  return prepared_builder(lambda: Digits(data_dir=data_dir, file_format=FILE_FORMAT), data_dir)

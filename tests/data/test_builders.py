@@ -1,3 +1,4 @@
+import subprocess
 import sys
 
 import numpy as np
@@ -25,3 +26,20 @@ def test_digits_builder(tmp_path):
   assert arrays["train"]["image"].shape == (1297, 8, 8, 1)
   assert np.bincount(arrays["test"]["label"]).tolist() == [50] * 10
   assert "tensorflow" not in sys.modules
+
+
+def test_processes_sharing_a_data_dir_prepare_it_once(tmp_path):
+  # pytest-xdist workers (and hosts of one job) prepare the same cache at the same time.
+  code = (
+    "import sys; from research.data import builders; "
+    "b = builders.street_scenes_builder(16, 40, 2, data_dir=sys.argv[1]); "
+    "print(len(b.as_data_source()['day_train']))"
+  )
+  procs = [
+    subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    for _ in range(3)
+  ]
+  outputs = [p.communicate(timeout=300)[0].split()[-1] for p in procs]  # tfds prints first
+  assert [p.returncode for p in procs] == [0, 0, 0]
+  assert outputs == ["40"] * 3
+  assert not list((tmp_path / "street_scenes").glob("*incomplete*"))
