@@ -10,7 +10,8 @@
    L-inf norm ``||R||_inf``.
 4. Adversarial training (steps 6-7): continue from the baseline parameters on batches mixing
    clean and second samples ``clip(x + R)``; report mIoU under ``R``, under a fresh ``R'``
-   computed against the new model, and clean.
+   computed against the new model, and clean; against a control that fine-tunes the same
+   steps on clean images only.
 """
 
 from __future__ import annotations
@@ -307,13 +308,16 @@ def adversarial_train(
   params: Any,
   train_all: dict[str, np.ndarray],
   perturbation: np.ndarray,
+  name: str = "adv_train",
 ) -> Any:
   """Continues training from ``params`` on 1:1 clean + ``clip(x + R)`` batches (steps 6-7).
 
-  Own checkpoints in ``<workdir>/adv_train_checkpoints``; a restarted run resumes there.
+  With ``perturbation = 0`` the same steps see clean images only: the clean fine-tuning
+  control, which separates what the second samples do from what extra training does.
+  Own checkpoints in ``<workdir>/<name>_checkpoints``; a restarted run resumes there.
 
   Returns:
-    The adversarially trained parameters.
+    The trained parameters.
   """
   a = config.adv_train
   optim = ml_collections.ConfigDict(config.optim.to_dict())
@@ -322,7 +326,7 @@ def adversarial_train(
   tx = state.make_optimizer(optim, a.steps)
   params = jax.tree.map(lambda p: jnp.array(p, copy=True), params)  # the step donates its state
   train_state = parallel.replicate(state.create_train_state(params, tx), run.mesh)
-  checkpointer = run.checkpointer("adv_train_checkpoints")
+  checkpointer = run.checkpointer(f"{name}_checkpoints")
   train_state, _ = loop.restore_or_init(checkpointer, train_state)
   loss_fn = functools.partial(
     core.adversarial_training_loss,
@@ -348,7 +352,7 @@ def adversarial_train(
     log_every=config.train.log_every,
     writer=run.writer,
     examples_per_step=config.train.batch_size,
-    name="adv_train",
+    name=name,
   )
   checkpointer.close()
   return train_state.params
@@ -449,14 +453,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cond: {s: evaluate_under(eval_step, params, p, a, bs, run) for s, a in splits.items()}
     for cond, p in conditions.items()
   }
-  # 4. Adversarial training, then R (old) and a fresh R' against the new model.
+  # 4. Adversarial training, then R (old) and a fresh R' against the new model; the control
+  # fine-tunes on clean images for the same steps.
   adv_params = adversarial_train(config, run, model, params, data["train_all"], perts["R"])
+  control_params = adversarial_train(
+    config, run, model, params, data["train_all"], zero, name="clean_finetune"
+  )
   after = unified_from_datasets(apply_fn, adv_params, attack_rng, data["train"], pairs, config)
   perts["R_prime"] = after["unified"]
   adv_conditions = {"adv clean": zero, "adv R": perts["R"], "adv R'": perts["R_prime"]}
+  adv_conditions.update({"control clean": zero, "control R": perts["R"]})
   for cond, p in adv_conditions.items():
+    cond_params = control_params if cond.startswith("control") else adv_params
     results[cond] = {
-      s: evaluate_under(eval_step, adv_params, p, a, bs, run) for s, a in splits.items()
+      s: evaluate_under(eval_step, cond_params, p, a, bs, run) for s, a in splits.items()
     }
   np.savez(run.workdir + "/perturbations.npz", **{n: np.asarray(v) for n, v in perts.items()})
   for cond, per_split in results.items():
@@ -476,9 +486,11 @@ _BAR_NOTES = (
   "clean confusion (the `clean` rows), which the noise control also keeps, so the raw ratio "
   "R / noise is bounded by roughly 1 / (clean success). The flip rate counts only `src` pixels "
   "the model does not already call `tgt` on the clean image and that flip to `tgt` under the "
-  "perturbation. Recovered / taken is (mIoU under R after adversarial training - mIoU under R "
+  "perturbation; the ratio can never exceed 1 / (noise success), the ceiling column. "
+  "Recovered / taken is (mIoU under R after adversarial training - mIoU under R "
   "before) / (clean mIoU before - mIoU under R before); it also contains whatever the extra "
-  "training steps improve on their own (compare the clean mIoU before and after). "
+  "training steps improve on their own, which the clean fine-tune control (the same steps, "
+  "optimizer and batches on clean images only) measures. "
   "The noise control has the L-inf norm of R but, being +-||R||_inf everywhere, a larger L2 norm."
 )
 
@@ -519,6 +531,8 @@ def _write_outputs(
         results["adv clean"][s]["miou"],
         results["adv R"][s]["miou"],
         results["adv R'"][s]["miou"],
+        results["control clean"][s]["miou"],
+        results["control R"][s]["miou"],
         results["R"][s]["success"],
         results["adv R"][s]["success"],
         results["adv R'"][s]["success"],
@@ -531,11 +545,13 @@ def _write_outputs(
     clean_success = group_mean("clean", splits, "success")
     taken = group_mean("clean", splits, "miou") - group_mean("R", splits, "miou")
     recovered = group_mean("adv R", splits, "miou") - group_mean("R", splits, "miou")
+    recovered_control = group_mean("control R", splits, "miou") - group_mean("R", splits, "miou")
     bars[group] = {
       "success_R": r_success,
       "success_noise": noise_success,
       "success_clean": clean_success,
       "success_ratio": r_success / max(noise_success, 1e-12),
+      "success_ratio_ceiling": 1.0 / max(noise_success, 1e-12),
       "flip_rate_R": group_mean("R", splits, "flip_rate"),
       "flip_rate_noise": group_mean("noise", splits, "flip_rate"),
       "flip_ratio": group_mean("R", splits, "flip_rate")
@@ -543,7 +559,10 @@ def _write_outputs(
       "miou_taken_by_R": taken,
       "miou_recovered": recovered,
       "recovered_fraction": recovered / taken if taken > 0 else float("nan"),
+      "recovered_fraction_control": recovered_control / taken if taken > 0 else float("nan"),
       "clean_miou_cost": group_mean("clean", splits, "miou")
+      - group_mean("adv clean", splits, "miou"),
+      "clean_miou_cost_vs_control": group_mean("control clean", splits, "miou")
       - group_mean("adv clean", splits, "miou"),
     }
   bar_rows = [
@@ -552,11 +571,14 @@ def _write_outputs(
       b["success_R"],
       b["success_noise"],
       b["success_ratio"],
+      b["success_ratio_ceiling"],
       b["flip_rate_R"],
       b["flip_rate_noise"],
       b["flip_ratio"],
       b["recovered_fraction"],
+      b["recovered_fraction_control"],
       100 * b["clean_miou_cost"],
+      100 * b["clean_miou_cost_vs_control"],
     ]
     for g, b in bars.items()
   ]
@@ -611,6 +633,8 @@ def _write_outputs(
             "mIoU clean (after)",
             "mIoU under R (after)",
             "mIoU under fresh R' (after)",
+            "mIoU clean (clean fine-tune control)",
+            "mIoU under R (clean fine-tune control)",
             "success R (before)",
             "success R (after)",
             "success R' (after)",
@@ -626,11 +650,14 @@ def _write_outputs(
             "success under R",
             "success under noise",
             "ratio (bar >= 5)",
+            "ratio ceiling (1 / noise success)",
             "flip rate under R",
             "flip rate under noise",
             "flip ratio",
             "mIoU recovered / taken (bar >= 0.5)",
+            "same, clean fine-tune control",
             "clean-mIoU cost, points (bar <= 2)",
+            "same, vs control",
           ],
           bar_rows,
         ),
@@ -671,8 +698,8 @@ def _write_outputs(
       harness.summary_row(
         "mIoU under R after adv. training (held-out images)",
         group_mean("adv R", held_in, "miou"),
-        "before adv. training",
-        group_mean("R", held_in, "miou"),
+        "clean fine-tune control",
+        group_mean("control R", held_in, "miou"),
       ),
     ],
   }

@@ -22,7 +22,21 @@ def test_street_smoke_end_to_end(tmp_path):
   for row in summary["rows"]:
     assert 0.0 <= row["value"] <= 1.0 and 0.0 <= row["baseline_value"] <= 1.0
   metrics = summary["metrics"]
-  assert set(metrics) == {"clean", "R", "noise", "adv clean", "adv R", "adv R'"}
+  assert set(metrics) == {
+    "clean",
+    "R",
+    "noise",
+    "adv clean",
+    "adv R",
+    "adv R'",
+    "control clean",
+    "control R",
+  }
+  # The control trains the same steps on clean images only, so its parameters differ.
+  held_in = summary["bars"]["held-out images"]
+  assert (tmp_path / "clean_finetune_checkpoints").exists()
+  assert held_in["success_ratio_ceiling"] * held_in["success_noise"] == pytest.approx(1.0)
+  assert metrics["control R"] != metrics["adv R"]
   assert set(metrics["clean"]) == {
     "day (held-out images)",
     "dusk (held-out images)",
