@@ -1,16 +1,19 @@
 r"""Step throughput of our jitted train steps against the same network in PyTorch (CPU).
 
-    python -m launch.bench_steps --out=runs/bench_steps.json [--variants=default,onednn]
+    python -m launch.bench_steps --out=runs/bench_steps.json [--variants=default,xla_weight_grad]
 
 For each step (supervised classification: ResNet with GroupNorm, widths 16-128, batch 128,
 32x32x3; segmentation: the street-scene Segmenter, batch 32, 64x64x3) it measures images/s of
 our `jax.jit` step and of the same network, batch, optimizer (Adam) and precision (float32) in
 PyTorch, alternating JAX and PyTorch repeats in one process, and reports min/median/max and the
 median ratio JAX / PyTorch. It also reports each step's compile time, XLA's FLOP count and
-memory estimate, the achieved GFLOP/s against a 2048^3 matmul peak (the roofline), and the
-forward/backward split. Each XLA variant (`--variants`, flags in `XLA_VARIANTS`) runs in its
-own subprocess because XLA flags are read once at start-up. PyTorch is a benchmark-only
-dependency: `pip install torch==2.13.0`.
+memory estimate, the achieved GFLOP/s against a 2048^3 matmul peak (the roofline), the
+forward/backward split, and (`--layers`) the forward, input-gradient and weight-gradient time of
+each 3x3 convolution of the classification network in both frameworks. Each variant
+(`--variants`, XLA flags in `XLA_VARIANTS`) runs in its own subprocess because XLA flags are
+read once at start-up; `xla_weight_grad` is the step before the optimisation of
+`research/models/conv.py` (XLA's own convolution weight gradient everywhere). PyTorch is a
+benchmark-only dependency: `pip install torch==2.13.0`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from launch import bench_common
 
 XLA_VARIANTS = {
   "default": "",
+  "xla_weight_grad": "",  # default flags, XLA's own conv weight gradient (the reference)
   "onednn": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
   "xnnpack": "--xla_cpu_use_xnnpack=true",
   "no_thunks": "--xla_cpu_use_thunk_runtime=false",
@@ -38,6 +42,9 @@ _VARIANTS = flags.DEFINE_list("variants", ["default"], f"XLA flag sets from {lis
 _STEPS = flags.DEFINE_list("steps", ["classification", "segmentation"], "Steps to measure.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating repeats per framework.")
 _ITERS = flags.DEFINE_integer("iters", 5, "Steps per repeat.")
+_LAYERS = flags.DEFINE_bool(
+  "layers", True, "Also time forward, input-gradient and weight-gradient of each 3x3 conv."
+)
 _CHILD = flags.DEFINE_string("child_variant", None, "Internal: measure one variant in-process.")
 
 
@@ -164,11 +171,103 @@ def matmul_peak_gflops(n: int = 2048) -> dict:
   return {"jax_gflops": flops / jt / 1e9, "torch_gflops": flops / tt / 1e9}
 
 
+# (input side, in channels, out channels, stride) of the classification ResNet's 3x3 convs.
+CONV_LAYERS = (
+  (32, 3, 16, 1),
+  (32, 16, 16, 1),
+  (32, 16, 32, 2),
+  (16, 32, 32, 1),
+  (16, 32, 64, 2),
+  (8, 64, 64, 1),
+  (8, 64, 128, 2),
+  (4, 128, 128, 1),
+)
+
+
+def conv_layer_breakdown(batch: int, tries: int = 5) -> list[dict]:
+  """Best-of-`tries` ms of forward, input gradient (dx) and weight gradient (dw) per 3x3 conv.
+
+  JAX: `lax.conv_general_dilated` (NHWC, SAME) and its VJP, each jitted alone, and `dw_ours`,
+  the weight gradient of `research.models.conv.conv_general_dilated` (the shifted matmuls where
+  it applies); PyTorch: `conv2d` and `aten.convolution_backward` with one output at a time
+  (NCHW, padding 1).
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  from research.models import conv as conv_lib
+
+  rows = []
+  rng = np.random.default_rng(0)
+  for side, cin, cout, stride in CONV_LAYERS:
+    x = rng.normal(size=(batch, side, side, cin)).astype(np.float32)
+    w = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
+
+    def conv(x, w, stride=stride):
+      return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+
+    y = conv(x, w)
+    dy = jnp.asarray(rng.normal(size=y.shape).astype(np.float32))
+
+    def ours(x, w, stride=stride):
+      return conv_lib.conv_general_dilated(
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+      )
+
+    jax_fns = {
+      "forward": (jax.jit(conv), (x, w)),
+      "dx": (jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]), (x, w, dy)),
+      "dw": (jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]), (x, w, dy)),
+      "dw_ours": (
+        jax.jit(lambda x, w, dy: jax.vjp(lambda w: ours(x, w), w)[1](dy)[0]),
+        (x, w, dy),
+      ),
+    }
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    tw = torch.from_numpy(w.transpose(3, 2, 0, 1).copy())
+    tdy = torch.from_numpy(np.asarray(dy).transpose(0, 3, 1, 2).copy())
+
+    def backward(mask, tx=tx, tw=tw, tdy=tdy, stride=stride):
+      return torch.ops.aten.convolution_backward(
+        tdy, tx, tw, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 1, mask
+      )
+
+    torch_fns = {
+      "forward": lambda tx=tx, tw=tw, s=stride: torch.nn.functional.conv2d(tx, tw, None, s, 1),
+      "dx": lambda: backward([True, False, False]),
+      "dw": lambda: backward([False, True, False]),
+    }
+    torch_fns["dw_ours"] = torch_fns["dw"]
+    gflop = 2.0 * y.size * 9 * cin / 1e9
+    row = {"input": [batch, side, side, cin], "out_channels": cout, "stride": stride}
+    for part in jax_fns:
+      fn, args = jax_fns[part]
+      jax_s = _best_call_s(fn, *args, tries=tries)
+      torch_fns[part]()
+      torch_s = min(_time(torch_fns[part], 1) for _ in range(tries))
+      row[part] = {
+        "jax_ms": 1e3 * jax_s,
+        "torch_ms": 1e3 * torch_s,
+        "jax_gflops": gflop / jax_s,
+        "torch_gflops": gflop / torch_s,
+      }
+    rows.append(row)
+  return rows
+
+
 def measure_variant(variant: str, steps_to_run, repeats: int, iters: int) -> dict:
   """All measurements of one XLA variant, in this process."""
   import jax
   import numpy as np
 
+  from research.models import conv
+
+  if variant == "xla_weight_grad":
+    conv.MAX_SHIFTED_IN_CHANNELS = 0  # every convolution takes XLA's weight gradient
   results = {
     "variant": variant,
     "xla_flags": XLA_VARIANTS[variant],
@@ -208,7 +307,27 @@ def measure_variant(variant: str, steps_to_run, repeats: int, iters: int) -> dic
       "jax_gradient_s": grad_s,
       **info,
     }
+  if _LAYERS.value and variant == "default":
+    results["conv_layers"] = conv_layer_breakdown(STEP_SPECS["classification"]["batch"])
   return results
+
+
+def _layer_table(result: dict) -> str:
+  lines = [
+    f"{result['variant']}: 3x3 convs of the classification step, ms JAX / torch (JAX GFLOP/s)",
+    f"{'input':<18} {'out':>4} {'s':>2}  {'forward':>20} {'dx':>20} {'dw (XLA)':>20} "
+    f"{'dw (ours)':>20}",
+  ]
+  for row in result.get("conv_layers", []):
+    cells = [
+      f"{row[p]['jax_ms']:6.1f}/{row[p]['torch_ms']:5.1f} ({row[p]['jax_gflops']:4.0f})"
+      for p in ("forward", "dx", "dw", "dw_ours")
+    ]
+    lines.append(
+      f"{'x'.join(map(str, row['input'])):<18} {row['out_channels']:>4} {row['stride']:>2}  "
+      + " ".join(f"{c:>20}" for c in cells)
+    )
+  return "\n".join(lines)
 
 
 def _table(all_results: list[dict]) -> str:
@@ -257,6 +376,7 @@ def main(argv):
         f"--steps={','.join(_STEPS.value)}",
         f"--repeats={_REPEATS.value}",
         f"--iters={_ITERS.value}",
+        f"--layers={_LAYERS.value}",
       ],
       env=env,
       capture_output=True,
@@ -268,6 +388,9 @@ def main(argv):
       continue
     all_results.append(json.loads(out.stdout.strip().splitlines()[-1]))
   print(_table(all_results))
+  for result in all_results:
+    if result.get("conv_layers"):
+      print(_layer_table(result))
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(all_results, f, indent=2, default=float)

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import conv
+
 Array = jax.Array
 
 # Heatmap bias initialisation of CenterNet: sigmoid(-2.19) ~= 0.1 prior.
@@ -70,9 +72,9 @@ class TinyBackbone(nn.Module):
     _check_positive_int("stride", self.stride)
     if self.stride & (self.stride - 1):
       raise ValueError(f"stride={self.stride} is not allowed: stride must be a power of two")
-    h = nn.relu(nn.Conv(self.features, (3, 3))(x))
+    h = nn.relu(conv.Conv(self.features, (3, 3))(x))
     for _ in range(int(math.log2(self.stride))):
-      h = nn.relu(nn.Conv(self.features, (3, 3), strides=(2, 2))(h))
+      h = nn.relu(conv.Conv(self.features, (3, 3), strides=(2, 2))(h))
     return {"feature_map": h, "embedding": jnp.mean(h, axis=(1, 2))}
 
 
@@ -100,8 +102,8 @@ class CenterNetHead(nn.Module):
     _check_positive_int("num_classes", self.num_classes)
 
     def head(name: str, out: int, bias_init=nn.initializers.zeros) -> Array:
-      h = nn.relu(nn.Conv(self.head_channels, (3, 3), name=f"{name}_hidden")(feature_map))
-      return nn.Conv(out, (1, 1), bias_init=bias_init, name=f"{name}_out")(h)
+      h = nn.relu(conv.Conv(self.head_channels, (3, 3), name=f"{name}_hidden")(feature_map))
+      return conv.Conv(out, (1, 1), bias_init=bias_init, name=f"{name}_out")(h)
 
     return {
       "heatmap": head("heatmap", self.num_classes, nn.initializers.constant(HEATMAP_BIAS_INIT)),

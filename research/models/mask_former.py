@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import conv
+
 
 def _group_norm(channels: int) -> nn.GroupNorm:
   """GroupNorm with up to 8 groups that divide ``channels``."""
@@ -38,7 +40,7 @@ class ConvGNReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     """Applies the block to ``x`` of shape ``[B, H, W, F]``."""
-    x = nn.Conv(self.features, (3, 3), strides=(self.stride, self.stride), use_bias=False)(x)
+    x = conv.Conv(self.features, (3, 3), strides=(self.stride, self.stride), use_bias=False)(x)
     return nn.relu(_group_norm(self.features)(x))
 
 
@@ -100,7 +102,7 @@ class FPNPixelDecoder(nn.Module):
       ``(mask_features, maps)``: per-pixel mask features ``[B, h_0, w_0, hidden_dim]`` at the
       finest scale, and the fused maps ``[B, h_i, w_i, hidden_dim]`` fine -> coarse.
     """
-    laterals = [nn.Conv(self.hidden_dim, (1, 1))(f) for f in features]
+    laterals = [conv.Conv(self.hidden_dim, (1, 1))(f) for f in features]
     maps = [None] * len(features)
     top = laterals[-1]
     for i in reversed(range(len(features))):
@@ -109,7 +111,7 @@ class FPNPixelDecoder(nn.Module):
         top = laterals[i] + jax.image.resize(top, target_shape, method="nearest")
       top = ConvGNReLU(self.hidden_dim)(top)
       maps[i] = top
-    mask_features = nn.Conv(self.hidden_dim, (1, 1))(maps[0])
+    mask_features = conv.Conv(self.hidden_dim, (1, 1))(maps[0])
     return mask_features, maps
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from research.models import conv
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
   """GroupNorm with at most 8 groups that divide `channels`."""
@@ -30,12 +32,12 @@ class BasicBlock(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """[B, H, W, C_in] -> [B, H / strides, W / strides, features]."""
     residual = x
-    y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
+    y = conv.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
     y = nn.relu(group_norm(self.features)(y))
-    y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
+    y = conv.Conv(self.features, (3, 3), use_bias=False)(y)
     y = group_norm(self.features)(y)
     if residual.shape != y.shape:
-      residual = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(residual)
+      residual = conv.Conv(self.features, (1, 1), self.strides, use_bias=False)(residual)
       residual = group_norm(self.features)(residual)
     return nn.relu(residual + y)
 
@@ -76,7 +78,7 @@ class ResNet(nn.Module):
         f"stage_sizes={tuple(self.stage_sizes)} and widths={tuple(self.widths)} must have the "
         "same length"
       )
-    y = nn.Conv(self.widths[0], (3, 3), self.stem_strides, use_bias=False, name="stem")(x)
+    y = conv.Conv(self.widths[0], (3, 3), self.stem_strides, use_bias=False, name="stem")(x)
     y = nn.relu(group_norm(self.widths[0])(y))
     features = []
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths)):
@@ -124,12 +126,12 @@ class Segmenter(nn.Module):
     """
     backbone = ResNet(0, self.stage_sizes, self.widths, name="backbone")(x, train)
     features = backbone["features"]
-    y = nn.Conv(self.decoder_width, (1, 1), name="lateral_last")(features[-1])
+    y = conv.Conv(self.decoder_width, (1, 1), name="lateral_last")(features[-1])
     for i, f in reversed(list(enumerate(features[:-1]))):
       y = jnp.repeat(jnp.repeat(y, f.shape[1] // y.shape[1], 1), f.shape[2] // y.shape[2], 2)
-      y = y + nn.Conv(self.decoder_width, (1, 1), name=f"lateral_{i}")(f)
-      y = nn.relu(group_norm(self.decoder_width)(nn.Conv(self.decoder_width, (3, 3))(y)))
+      y = y + conv.Conv(self.decoder_width, (1, 1), name=f"lateral_{i}")(f)
+      y = nn.relu(group_norm(self.decoder_width)(conv.Conv(self.decoder_width, (3, 3))(y)))
     b, h, w, _ = x.shape
     y = jnp.repeat(jnp.repeat(y, h // y.shape[1], 1), w // y.shape[2], 2)
-    logits = nn.Conv(self.num_classes, (3, 3), name="classifier")(y)
+    logits = conv.Conv(self.num_classes, (3, 3), name="classifier")(y)
     return {"logits": logits, "features": features}
