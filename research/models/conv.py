@@ -85,6 +85,24 @@ def _backward(strides, pads, residuals, dy):
 _conv_shifted_grad.defvjp(_forward, _backward)
 
 
+def _varying_axes(a: jax.Array) -> frozenset:
+  """The manual (shard_map) mesh axes ``a`` varies over; empty outside ``shard_map``."""
+  aval = jax.typeof(a)
+  manual = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10
+  return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def _vary_like(a: jax.Array, axes: frozenset) -> jax.Array:
+  """``a`` marked as varying over the manual (shard_map) ``axes`` it does not vary over yet.
+
+  Inside ``shard_map`` a replicated kernel meets per-device images; `lax.conv_general_dilated`
+  marks the kernel varying implicitly (the transpose of that mark is the psum of its gradient),
+  but a custom VJP must see both operands with the same axes to return matching cotangents.
+  """
+  missing = tuple(sorted(axes - _varying_axes(a)))
+  return lax.pcast(a, missing, to="varying") if missing else a
+
+
 def _is_plain(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count):
   """Whether the call is an undilated, ungrouped NHWC/HWIO 2-D convolution."""
   if lhs.ndim != 4 or feature_group_count != 1:
@@ -135,7 +153,10 @@ def conv_general_dilated(
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _conv_shifted_grad(lhs, rhs, tuple(window_strides), pads)
+  axes = _varying_axes(lhs) | _varying_axes(rhs)
+  return _conv_shifted_grad(
+    _vary_like(lhs, axes), _vary_like(rhs, axes), tuple(window_strides), pads
+  )
 
 
 # `nn.Conv` with the weight gradient above; parameters and names are those of `nn.Conv`.
