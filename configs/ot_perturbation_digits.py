@@ -12,6 +12,7 @@ def get_config(arg=None):
   config.task = "classification"
   config.seed = 0
   config.trainings = ("clean", "ot", "pgd")
+  config.num_seeds = sizes.pick(size, full=3, demo=1, smoke=1)
   config.data = dict(
     name="digits",
     data_dir="",

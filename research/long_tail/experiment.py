@@ -36,6 +36,7 @@ import numpy as np
 from research import config_checks, losses
 from research.data import samplers
 from research.long_tail import core
+from research.metrics.seeds import mean_std
 from research.supervised import classification
 from research.training import harness, loop, parallel, report, state, steps
 
@@ -530,14 +531,6 @@ def shared_setup(config, run, num_classes: int) -> dict:
   }
 
 
-def _mean_std(values) -> tuple[float, float]:
-  """Mean and sample std over seeds (NaN for an empty shot group, std 0 for one seed)."""
-  v = np.asarray(values, np.float64)
-  if np.isnan(v).all():
-    return float("nan"), float("nan")
-  return float(np.nanmean(v)), float(np.nanstd(v, ddof=1)) if len(v) > 1 else 0.0
-
-
 def _fmt(mean: float, std: float, n: int) -> str:
   if np.isnan(mean):
     return "n/a"
@@ -596,7 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     stats = {
       m: {
-        g: _mean_std([r[g] for r in rs])
+        g: mean_std([r[g] for r in rs])
         for g in GROUPS + (("head_softmax",) if m == "dual" else ())
       }
       for m, rs in results.items()

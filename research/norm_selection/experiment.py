@@ -39,6 +39,7 @@ import numpy as np
 from research import config_checks
 from research.data import samplers
 from research.metrics import classification as cls_metrics
+from research.metrics.seeds import verdict
 from research.norm_selection import core, loop
 from research.supervised import classification
 from research.training import harness, parallel, report, state, steps
@@ -447,19 +448,6 @@ def run_seed(
 
 def _stats(values: list[float]) -> tuple[float, float]:
   return float(np.mean(values)), float(np.std(values))
-
-
-def verdict(differences: np.ndarray, tie_band: float = 0.005) -> str:
-  """'wins', 'ties' or 'loses' from paired per-seed accuracy differences (method - baseline).
-
-  A win (loss) needs the mean difference above (below) ``max(2 SE, tie_band)``, where SE is
-  the standard error of the paired differences (0 for a single seed).
-  """
-  d = np.asarray(differences, np.float64)
-  se = float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
-  band = max(2.0 * se, tie_band)
-  mean = float(np.mean(d))
-  return "wins" if mean > band else "loses" if mean < -band else "ties"
 
 
 def aggregate(per_seed: list[dict[str, loop.SelectionState]]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import optax
 from research import config_checks, losses
 from research.data import embedded, samplers, street_scenes
 from research.metrics import detection as det_metrics
+from research.metrics import seeds
 from research.models import detector
 from research.models.resnet import ResNet
 from research.ot_perturbation import core
@@ -75,6 +76,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   else:
     config_checks.check_choice(config, "data.name", classification.DATASETS)
   config_checks.check_int(config, "data.max_test_examples", 1)
+  config_checks.check_int(config, "num_seeds", 1)
   for field in ("train.steps", "train.batch_size", "train.eval_batch_size", "train.log_every"):
     config_checks.check_int(config, field, 1)
   config_checks.check_int(config, "train.checkpoint_every", 0)
@@ -438,24 +440,27 @@ def train_model(
   model: Any,
   spec: Spec,
   training: str,
+  seed: int,
 ) -> tuple[Any, dict]:
-  """Trains one model with the step-7 rule; resumes from `<workdir>/<training>_checkpoints`.
+  """Trains one model with the step-7 rule; resumes from `<workdir>/<name>_checkpoints`.
 
-  The mean target loss over each log interval is compared with `train.loss_threshold` on the
-  host; at or below it the run stops, the model is stored (checkpoint + `<training>_stop.json`)
-  and a rerun does not train further. Otherwise training ends at `train.steps`.
+  ``name`` is ``<training>_seed<seed>``; the seed sets the initial parameters, the batch order
+  and the random starts. The mean target loss over each log interval is compared with
+  `train.loss_threshold` on the host; at or below it the run stops, the model is stored
+  (checkpoint + `<name>_train_stop.json`) and a rerun does not train further. Otherwise
+  training ends at `train.steps`.
 
   Returns:
     (params, {"stop_reason": 'converged' | 'step_limit', "steps": int, "loss": float}).
   """
-  name = f"{training}_train"
+  name = f"{training}_seed{seed}_train"
   parallel.check_batch_divisible(config.train.batch_size, run.mesh, "train.batch_size")
   rule = core.ConvergenceRule(float(config.train.loss_threshold), config.train.steps)
-  rng = jax.random.key(config.seed)
+  rng = jax.random.key(seed)
   params = harness.init_params(model, rng, data["train"]["image"][0])
   tx = state.make_optimizer(config.optim, config.train.steps)
   train_state = parallel.replicate(state.create_train_state(params, tx), run.mesh)
-  checkpointer = run.checkpointer(f"{training}_checkpoints")
+  checkpointer = run.checkpointer(f"{training}_seed{seed}_checkpoints")
   train_state, _ = loop.restore_or_init(checkpointer, train_state)
   stop_file = _stop_path(run, name)
   if os.path.exists(stop_file):
@@ -487,7 +492,7 @@ def train_model(
 
   batch_fn = harness.sampled_batch_fn(
     data["train"],
-    samplers.RandomSampler(len(data["train"]["image"]), config.train.batch_size, config.seed),
+    samplers.RandomSampler(len(data["train"]["image"]), config.train.batch_size, seed),
     run.mesh,
     batch_keys(config.task),
   )
@@ -550,8 +555,11 @@ def evaluate_model(
   spec: Spec,
   config: ml_collections.ConfigDict,
   run: harness.Run,
+  seed: int,
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict]]:
   """Metrics of one model under every condition, and the first batch's outputs per condition.
+
+  The random starts of the noise and attack conditions come from `seed`.
 
   Returns:
     ({condition: {"map50", "map"} or {"accuracy"}}, {condition: first-batch outputs}).
@@ -566,7 +574,7 @@ def evaluate_model(
     gathered: dict[str, list] = {}
     for b_index, batch in enumerate(harness.padded_batches(test, batch_size, keys)):
       valid = batch.pop("valid")
-      rng = jax.random.fold_in(jax.random.key(config.seed + 1000 * c_index), b_index)
+      rng = jax.random.fold_in(jax.random.key(seed + 1000 * c_index), b_index)
       out = jax.device_get(fn(params, parallel.shard_batch(batch, run.mesh), rng))
       if b_index == 0:
         examples[condition] = out
@@ -664,8 +672,22 @@ def transport_plan(params: Any, model: Any, spec: Spec, x: np.ndarray, x_pert: n
 # The experiment.
 
 
+def _over_seeds(per_seed: list[dict[str, dict[str, float]]]) -> tuple[dict, dict]:
+  """Mean and sample std over seeds of ``{condition: {metric: value}}`` results."""
+  mean, std = {}, {}
+  for condition, metrics in per_seed[0].items():
+    stats = {m: seeds.mean_std([r[condition][m] for r in per_seed]) for m in metrics}
+    mean[condition] = {m: v[0] for m, v in stats.items()}
+    std[condition] = {m: v[1] for m, v in stats.items()}
+  return mean, std
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains clean-only, OT-perturbation and PGD models; evaluates and reports them.
+  """Trains clean-only, OT-perturbation and PGD models per seed; evaluates and reports them.
+
+  Every training runs for `num_seeds` seeds (``config.seed + i``); the metrics are the mean
+  over seeds with their sample std, and the bar's gains carry paired per-seed verdicts.
+  Plots show the first seed's models.
 
   Returns:
     the run summary (also written to `<workdir>/summary.json`).
@@ -676,19 +698,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = build_task_model(config, data["num_classes"])
   spec = make_spec(config, data["num_classes"], data["train"]["image"].shape[1:])
   eval_steps = compile_eval_steps(model, spec)
-  results, stops, examples, params_of = {}, {}, {}, {}
-  for training in config.trainings:
-    params, stops[training] = train_model(config, run, data, model, spec, training)
-    params_of[training] = params
-    results[training], examples[training] = evaluate_model(
-      params, eval_steps, data, spec, config, run
-    )
-    for condition, metrics in results[training].items():
-      run.writer.write(stops[training]["steps"], metrics, phase=f"test/{training}/{condition}")
+  trainings = list(config.trainings)
+  seed_list = [config.seed + i for i in range(config.num_seeds)]
+  per_seed = {t: [] for t in trainings}
+  stops = {t: [] for t in trainings}
+  examples, params_of = {}, {}
+  for seed in seed_list:
+    for training in trainings:
+      params, stop = train_model(config, run, data, model, spec, training, seed)
+      results, batch_outputs = evaluate_model(params, eval_steps, data, spec, config, run, seed)
+      per_seed[training].append(results)
+      stops[training].append(stop)
+      for condition, metrics in results.items():
+        run.writer.write(stop["steps"], metrics, phase=f"test/{training}/seed{seed}/{condition}")
+      if seed == seed_list[0]:
+        examples[training], params_of[training] = batch_outputs, params
+  summary = {t: _over_seeds(per_seed[t]) for t in trainings}
+  results = {t: summary[t][0] for t in trainings}
+  spreads = {t: summary[t][1] for t in trainings}
 
   metric = "map50" if spec.task == "detection" else "accuracy"
   names = {"clean": "clean-only", "ot": "OT perturbation (this method)", "pgd": "PGD adv. training"}
-  trainings = list(config.trainings)
   report.plot_bars(
     {names[t]: [results[t][c][metric] for c in CONDITIONS] for t in trainings},
     CONDITIONS,
@@ -707,15 +737,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     plot_detections(ot_ex, test_head, data["class_names"], run.plot_path("detections.png"))
     plots += "\n\n![detections](plots/detections.png)"
 
-  header = ["training", "stop", "steps"] + [
-    f"{c} {m}" for c in CONDITIONS for m in results[trainings[0]][CONDITIONS[0]]
-  ]
+  metric_names = list(results[trainings[0]][CONDITIONS[0]])
+  header = ["training", "stops", "steps"] + [f"{c} {m}" for c in CONDITIONS for m in metric_names]
   rows = [
-    [names[t], stops[t]["stop_reason"], stops[t]["steps"]]
-    + [v for c in CONDITIONS for v in results[t][c].values()]
+    [
+      names[t],
+      ", ".join(s["stop_reason"] for s in stops[t]),
+      ", ".join(str(s["steps"]) for s in stops[t]),
+    ]
+    + [f"{results[t][c][m]:.4f} ± {spreads[t][c][m]:.4f}" for c in CONDITIONS for m in metric_names]
     for t in trainings
   ]
-  bar = _bar(results, metric)
+  bar = _bar(per_seed, metric)
   report.write_report(
     run.workdir,
     f"M5 OT-matched perturbation training ({spec.task}, {config.data.name})",
@@ -726,9 +759,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"steps, {spec.attack_steps} attack steps, vectors={spec.vectors}, cost="
         f"{spec.sinkhorn.cost}, Sinkhorn {spec.sinkhorn.max_iterations} fixed iterations, "
         f"perturbed_only={spec.perturbed_only}, loss threshold {config.train.loss_threshold}, "
-        f"step limit {config.train.steps}.",
+        f"step limit {config.train.steps}, seeds {seed_list}, "
+        f"{len(data['test']['image'])} test images.",
       ),
-      ("Results", report.markdown_table(header, rows)),
+      ("Results (mean ± sample std over seeds)", report.markdown_table(header, rows)),
       ("Bar (robust metric above clean-only at <= 3 points clean cost)", bar["text"]),
       ("Plots", plots),
     ],
@@ -741,51 +775,62 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "task": spec.task,
     "dataset": config.data.name,
     "time_s": run.elapsed(),
+    "seeds": seed_list,
     "metrics": results,
+    "metrics_std": spreads,
+    "metrics_per_seed": per_seed,
     "stops": stops,
     "bar": {k: v for k, v in bar.items() if k != "text"},
     "rows": [
       harness.summary_row(
-        f"{label} under OT attack",
-        results["ot"]["ot_attack"][metric],
+        f"{label} under {condition}",
+        results["ot"][condition][metric],
         base_name,
-        results[base]["ot_attack"][metric],
-      ),
-      harness.summary_row(
-        f"{label} under PGD",
-        results["ot"]["pgd"][metric],
-        base_name,
-        results[base]["pgd"][metric],
-      ),
-      harness.summary_row(
-        f"clean {label}",
-        results["ot"]["clean"][metric],
-        base_name,
-        results[base]["clean"][metric],
-      ),
+        results[base][condition][metric],
+      )
+      for condition in ("ot_attack", "pgd", "clean")
     ],
   }
   harness.write_summary(run.workdir, out)
   return out
 
 
-def _bar(results: dict, metric: str) -> dict:
-  """Whether the issue's bar is met against clean-only training (in metric points x100)."""
-  if "clean" not in results:
+def _bar(per_seed: dict[str, list[dict]], metric: str) -> dict:
+  """Whether the issue's bar is met against clean-only training (in metric points x100).
+
+  The bar uses the mean over seeds; each gain also gets a paired verdict over the seeds
+  (:func:`research.metrics.seeds.verdict`, tie band 0.5 points).
+  """
+  if "clean" not in per_seed:
     return {"met": None, "text": "clean-only training was not run."}
-  ot_r, clean_r = results["ot"], results["clean"]
-  gain_ot = 100 * (ot_r["ot_attack"][metric] - clean_r["ot_attack"][metric])
-  gain_pgd = 100 * (ot_r["pgd"][metric] - clean_r["pgd"][metric])
-  cost = 100 * (clean_r["clean"][metric] - ot_r["clean"][metric])
-  met = bool(gain_ot > 0 and gain_pgd > 0 and cost <= 3.0)
+
+  def differences(condition: str) -> np.ndarray:
+    return 100 * np.array(
+      [
+        o[condition][metric] - c[condition][metric]
+        for o, c in zip(per_seed["ot"], per_seed["clean"], strict=True)
+      ]
+    )
+
+  gain_ot, gain_pgd = differences("ot_attack"), differences("pgd")
+  cost = -differences("clean")
+  met = bool(gain_ot.mean() > 0 and gain_pgd.mean() > 0 and cost.mean() <= 3.0)
+  verdicts = {
+    "ot_attack": seeds.verdict(gain_ot, tie_band=0.5),
+    "pgd": seeds.verdict(gain_pgd, tie_band=0.5),
+  }
   text = (
-    f"robust gain under OT attack {gain_ot:+.2f} points, under PGD {gain_pgd:+.2f} points, "
-    f"clean cost {cost:+.2f} points: bar {'met' if met else 'NOT met'}."
+    f"robust gain under OT attack {gain_ot.mean():+.2f} points ({verdicts['ot_attack']}; per "
+    f"seed {np.round(gain_ot, 2).tolist()}), under PGD {gain_pgd.mean():+.2f} points "
+    f"({verdicts['pgd']}; per seed {np.round(gain_pgd, 2).tolist()}), clean cost "
+    f"{cost.mean():+.2f} points (per seed {np.round(cost, 2).tolist()}): bar "
+    f"{'met' if met else 'NOT met'} on the mean over {len(gain_ot)} seed(s)."
   )
   return {
     "met": met,
-    "gain_ot_attack": gain_ot,
-    "gain_pgd": gain_pgd,
-    "clean_cost": cost,
+    "gain_ot_attack": float(gain_ot.mean()),
+    "gain_pgd": float(gain_pgd.mean()),
+    "clean_cost": float(cost.mean()),
+    "verdicts": verdicts,
     "text": text,
   }

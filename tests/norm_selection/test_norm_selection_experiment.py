@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import scipy.stats
 import tensorflow_datasets as tfds
 
 from configs import norm_selection_cifar10, norm_selection_digits
@@ -104,18 +103,6 @@ def test_unknown_baseline_and_missing_stop_condition_fail():
   config.selection.max_rounds = None
   with pytest.raises(config_checks.ConfigError, match="no stop condition"):
     experiment.validate(config)
-
-
-def test_verdict_against_scipy_standard_error():
-  d = np.array([0.020, 0.030, 0.025])
-  band = 2 * scipy.stats.sem(d)
-  assert d.mean() > band and experiment.verdict(d) == "wins"
-  assert experiment.verdict(-d) == "loses"
-  noisy = np.array([0.03, -0.02, 0.01])
-  assert abs(noisy.mean()) < 2 * scipy.stats.sem(noisy)
-  assert experiment.verdict(noisy) == "ties"
-  assert experiment.verdict(np.array([0.004])) == "ties"  # one seed: the 0.5-point band
-  assert experiment.verdict(np.array([0.006])) == "wins"
 
 
 def test_sample_norms_match_numpy_reference():

@@ -23,11 +23,13 @@ def test_street_smoke_end_to_end(tmp_path):
     assert set(results) == set(experiment.CONDITIONS)
     for metrics in results.values():
       assert 0.0 <= metrics["map50"] <= 1.0 and 0.0 <= metrics["map"] <= metrics["map50"] + 1e-9
-  assert summary["stops"]["ot"] == {
-    "stop_reason": "step_limit",
-    "steps": config.train.steps,
-    "loss": summary["stops"]["ot"]["loss"],
-  }
+  assert summary["stops"]["ot"] == [
+    {
+      "stop_reason": "step_limit",
+      "steps": config.train.steps,
+      "loss": summary["stops"]["ot"][0]["loss"],
+    }
+  ]
   assert json.loads((tmp_path / "summary.json").read_text())["rows"]
   for plot in ("detections.png", "transport_plan.png", "robustness.png"):
     assert (tmp_path / "plots" / plot).exists()
@@ -42,13 +44,35 @@ def test_reachable_threshold_stops_converged_and_stores_the_model(tmp_path):
   model = experiment.build_task_model(config, data["num_classes"])
   spec = experiment.make_spec(config, data["num_classes"], data["train"]["image"].shape[1:])
   run = harness.start_run(str(tmp_path))
-  params, stop = experiment.train_model(config, run, data, model, spec, "clean")
+  params, stop = experiment.train_model(config, run, data, model, spec, "clean", seed=0)
   assert stop["stop_reason"] == "converged" and stop["steps"] == 2
-  assert (tmp_path / "clean_checkpoints" / "2").exists()
+  assert (tmp_path / "clean_seed0_checkpoints" / "2").exists()
   # A rerun finds the stored model and does not train again.
-  again, stop2 = experiment.train_model(config, run, data, model, spec, "clean")
-  assert stop2 == json.loads((tmp_path / "clean_train_stop.json").read_text())
+  again, stop2 = experiment.train_model(config, run, data, model, spec, "clean", seed=0)
+  assert stop2 == json.loads((tmp_path / "clean_seed0_train_stop.json").read_text())
   jax.tree.map(np.testing.assert_array_equal, params, again)
+
+
+def test_two_seeds_report_mean_std_and_paired_verdicts(tmp_path):
+  config = ot_perturbation_digits.get_config("smoke")
+  config.trainings = ("clean", "ot")
+  config.num_seeds = 2
+  summary = experiment.train_and_evaluate(config, str(tmp_path))
+  assert summary["seeds"] == [0, 1]
+  for training in ("clean", "ot"):
+    accuracies = [r["clean"]["accuracy"] for r in summary["metrics_per_seed"][training]]
+    mean = summary["metrics"][training]["clean"]["accuracy"]
+    std = summary["metrics_std"][training]["clean"]["accuracy"]
+    np.testing.assert_allclose([mean, std], [np.mean(accuracies), np.std(accuracies, ddof=1)])
+    assert len(summary["stops"][training]) == 2
+    for seed in (0, 1):
+      assert (tmp_path / f"{training}_seed{seed}_train_stop.json").exists()
+  clean_cost = [
+    100 * (c["clean"]["accuracy"] - o["clean"]["accuracy"])
+    for c, o in zip(*(summary["metrics_per_seed"][t] for t in ("clean", "ot")), strict=True)
+  ]
+  np.testing.assert_allclose(summary["bar"]["clean_cost"], np.mean(clean_cost))
+  assert set(summary["bar"]["verdicts"].values()) <= {"wins", "ties", "loses"}
 
 
 def test_thing_boxes_map_classes_5_to_8_onto_0_to_3():
@@ -81,6 +105,7 @@ def test_logit_vectors_of_the_detector_are_flattened_heatmaps(rng):
     ("trainings", ("clean", "pgd"), "config.trainings"),
     ("data.image_size", 30, "config.data.image_size"),
     ("attack.steps", 0, "config.attack.steps"),
+    ("num_seeds", 0, "config.num_seeds"),
   ],
 )
 def test_bad_config_values_raise(field, value, match):
