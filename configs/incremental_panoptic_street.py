@@ -68,7 +68,7 @@ def get_config(arg=None):
     checkpoint_every=sizes.pick(size, full=500, demo=250, smoke=2),
   )
   main = ("naive", "method", "joint")
-  ablations = ("no_pseudo", "no_distill", "no_weighting", "comformer")
+  ablations = ("no_pseudo", "no_distill", "no_weighting", "comformer", "true_wins")
   config.variants = sizes.pick(size, full=main + ablations, demo=main + ablations, smoke=main)
   config.num_overlays = sizes.pick(size, full=6, demo=4, smoke=2)
   return config

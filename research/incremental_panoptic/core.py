@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BINARIZE_THRESHOLD = 0.5
-OVERLAP_RULES = ("drop_matched", "remove_true_pixels")
+OVERLAP_RULES = ("drop_matched", "remove_true_pixels", "drop_matched_true_wins")
 WEIGHTINGS = ("one_minus_no_object", "none", "squared")
 REDUCTIONS = ("mean", "weighted_mean")
 # Finite stand-in for -inf: excluded classes get probability exactly 0 without NaN gradients.
@@ -292,6 +292,9 @@ def old_class_pseudo_labels(
        each one whose binarised mask has IoU ``>= match_iou`` with a valid true mask.
        ``overlap_rule='remove_true_pixels'`` (CoMFormer): nothing is dropped; instead
        :func:`remove_true_pixels` removes true-mask pixels after step 3 (``match_iou`` unused).
+       ``overlap_rule='drop_matched_true_wins'``: both, so that the union of true and pseudo
+       labels stays one panoptic labelling (every pixel has at most one owner, the true one
+       where there is one), as ``max_owners=1`` asks among the pseudo masks.
     3. :func:`remove_noisy_pixels`: pixels with mask prob ``< noise_threshold`` are removed.
     4. :func:`resolve_overlaps` with pixel confidence ``max-class-prob x mask-prob``.
     5. :func:`filter_by_area`: delete empty masks and those with
@@ -313,7 +316,7 @@ def old_class_pseudo_labels(
     max_owners: pixels with more owners than this go to the most confident mask.
     min_area_ratio: minimal final / original pixel-count ratio.
     query_score_threshold: extra minimal class probability of a selected query.
-    overlap_rule: ``'drop_matched'`` or ``'remove_true_pixels'``.
+    overlap_rule: one of ``OVERLAP_RULES``.
 
   Returns:
     ``(pseudo_masks [Q, H, W] bool, pseudo_classes [Q] int32, pseudo_valid [Q] bool)``,
@@ -338,11 +341,11 @@ def old_class_pseudo_labels(
   mask_probs = jax.nn.sigmoid(hist_mask_logits)
   binary = mask_probs >= BINARIZE_THRESHOLD
   original_counts = jnp.sum(binary, axis=(1, 2))
-  if overlap_rule == "drop_matched":
+  keep = selected
+  if overlap_rule != "remove_true_pixels":
     keep = drop_matched_masks(binary, selected, true_masks, true_valid, match_iou)
-    masks = remove_noisy_pixels(mask_probs, keep, noise_threshold)
-  else:
-    masks = remove_noisy_pixels(mask_probs, selected, noise_threshold)
+  masks = remove_noisy_pixels(mask_probs, keep, noise_threshold)
+  if overlap_rule != "drop_matched":
     masks = remove_true_pixels(masks, true_masks, true_valid)
   masks = resolve_overlaps(masks, confidence[:, None, None] * mask_probs, max_owners)
   valid = filter_by_area(masks, original_counts, min_area_ratio)

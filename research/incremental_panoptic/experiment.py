@@ -11,8 +11,10 @@ step 1, all from the step-0 parameters with the same images, steps and optimizer
   old-class probabilities weighted by ``1 - p_no-object(historical)`` (step 5);
 - ``joint``: every label of the step-1 images, old and new (the ceiling);
 - ablations: ``no_pseudo`` (distillation only), ``no_distill`` (pseudo labels only),
-  ``no_weighting`` (distillation weight 1) and ``comformer`` (true-mask pixels removed from the
-  pseudo masks instead of dropping matched masks, weight ``(1 - p_no-object)^2``).
+  ``no_weighting`` (distillation weight 1), ``comformer`` (true-mask pixels removed from the
+  pseudo masks instead of dropping matched masks, weight ``(1 - p_no-object)^2``) and
+  ``true_wins`` (matched masks dropped, then true-mask pixels removed from the kept ones, so
+  the label union is one panoptic labelling; default weight).
 
 Every variant is evaluated on held-out, fully labelled images with PQ/SQ/RQ over the old, the
 new and all classes; forgetting = PQ_old(step 0) - PQ_old(after step 1).
@@ -56,6 +58,7 @@ VARIANTS = {
   "comformer": dict(
     labels="new", pseudo=True, distill=True, weighting="squared", overlap_rule="remove_true_pixels"
   ),
+  "true_wins": dict(labels="new", pseudo=True, distill=True, overlap_rule="drop_matched_true_wins"),
 }
 VARIANT_TITLES = {
   "naive": "naive fine-tuning",
@@ -65,6 +68,7 @@ VARIANT_TITLES = {
   "no_distill": "without distillation",
   "no_weighting": "without weighting (w = 1)",
   "comformer": "CoMFormer overlap rule, w = (1 - p_no-object)^2",
+  "true_wins": "matched masks dropped and true pixels removed from the rest",
 }
 TARGET_KEYS = ("image", "target_classes", "target_masks", "target_valid")
 
@@ -440,9 +444,9 @@ def variant_controls(config: ml_collections.ConfigDict, variant: str, phase: str
   """Run-time switches of the one compiled step for a phase / variant (host numpy scalars).
 
   Returns:
-    `{"use_hist", "use_pseudo", "remove_true_pixels"}` bools, `"weighting"` int32 (index into
-    `core.WEIGHTINGS`), `"kd_weight"`, `"learning_rate"`, `"warmup_steps"`, `"total_steps"`
-    float32.
+    `{"use_hist", "use_pseudo"}` bools, `"overlap_rule"` and `"weighting"` int32 (indices into
+    `core.OVERLAP_RULES` and `core.WEIGHTINGS`), `"kd_weight"`, `"learning_rate"`,
+    `"warmup_steps"`, `"total_steps"` float32.
   """
   spec = VARIANTS[variant] if phase == "step1" else dict(pseudo=False, distill=False)
   kd_weight = float(config.method.kd_weight) if spec["distill"] else 0.0
@@ -451,7 +455,7 @@ def variant_controls(config: ml_collections.ConfigDict, variant: str, phase: str
   return {
     "use_hist": np.bool_(spec["pseudo"] or kd_weight > 0),
     "use_pseudo": np.bool_(spec["pseudo"]),
-    "remove_true_pixels": np.bool_(rule == "remove_true_pixels"),
+    "overlap_rule": np.int32(core.OVERLAP_RULES.index(rule)),
     "weighting": np.int32(core.WEIGHTINGS.index(weighting)),
     "kd_weight": np.float32(kd_weight),
     "learning_rate": np.float32(config[phase].learning_rate),
@@ -490,13 +494,14 @@ def incremental_loss(
     old_class_mask: bool `[C]`.
     criterion: `w_class`, `w_bce`, `w_dice`, `no_object_weight` of `set_criterion_loss`.
     pseudo_settings: keyword arguments of `core.old_class_pseudo_labels` except
-      `overlap_rule` (chosen by `controls["remove_true_pixels"]`).
+      `overlap_rule` (chosen by `controls["overlap_rule"]`).
     temperature: distillation temperature.
 
   Returns:
     `(loss, metrics)`: loss = set-criterion loss over all decoder layers + `kd_weight` x
-    distillation (final layer); metrics add `kd`, `num_pseudo` (pseudo labels per image) and
-    `pseudo_dropped` (pseudo labels that did not fit the `T` target slots, per image).
+    distillation (final layer); metrics add `kd`, `num_pseudo` (pseudo labels per image),
+    `pseudo_dropped` (pseudo labels that did not fit the `T` target slots, per image) and
+    `pseudo_on_true` (fraction of true-mask pixels that a pseudo mask also claims).
   """
   del rng
   images = steps.images_to_float(batch["image"])
@@ -525,9 +530,13 @@ def incremental_loss(
     )(hist_classes, hist_masks, masks, valid)
     for rule in core.OVERLAP_RULES
   ]
-  pick = controls["remove_true_pixels"]
-  p_masks, p_classes, p_valid = (jnp.where(pick, b, a) for a, b in zip(*by_rule, strict=True))
+  p_masks, p_classes, p_valid = (
+    jnp.stack(per_rule)[controls["overlap_rule"]] for per_rule in zip(*by_rule, strict=True)
+  )
   p_valid = p_valid & controls["use_pseudo"]
+  true_pixels = jnp.any(masks & valid[..., None, None], axis=1)
+  pseudo_pixels = jnp.any(p_masks & p_valid[..., None, None], axis=1)
+  pseudo_on_true = jnp.sum(true_pixels & pseudo_pixels) / jnp.maximum(jnp.sum(true_pixels), 1)
   _, scores = jax.vmap(core.query_class_confidence)(hist_classes)
   slots = classes.shape[1]
 
@@ -561,6 +570,7 @@ def incremental_loss(
     "kd": kd,
     "num_pseudo": jnp.mean(jnp.sum(p_valid, -1)),
     "pseudo_dropped": jnp.mean(dropped),
+    "pseudo_on_true": pseudo_on_true,
   }
   return task + controls["kd_weight"] * kd, metrics
 

@@ -589,8 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     stats = {
       m: {
-        g: mean_std([r[g] for r in rs])
-        for g in GROUPS + (("head_softmax",) if m == "dual" else ())
+        g: mean_std([r[g] for r in rs]) for g in GROUPS + (("head_softmax",) if m == "dual" else ())
       }
       for m, rs in results.items()
     }

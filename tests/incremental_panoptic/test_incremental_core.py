@@ -66,7 +66,7 @@ def np_pseudo_labels(
     selected.append(is_object and old[c] and probs[q, c] > query_score_threshold)
   original = [(mp[q] >= 0.5).sum() for q in range(q_count)]
   keep = list(selected)
-  if overlap_rule == "drop_matched":
+  if overlap_rule in ("drop_matched", "drop_matched_true_wins"):
     for q in range(q_count):
       if not keep[q]:
         continue
@@ -86,7 +86,7 @@ def np_pseudo_labels(
     for y in range(h):
       for x in range(w):
         on = keep[q] and mp[q, y, x] >= noise_threshold
-        if overlap_rule == "remove_true_pixels":
+        if overlap_rule in ("remove_true_pixels", "drop_matched_true_wins"):
           on = on and not any(true_valid[t] and true_masks[t, y, x] for t in range(len(true_valid)))
         masks[q, y, x] = on
   final = masks.copy()
@@ -158,6 +158,26 @@ def test_pipeline_crafted_remove_true_pixels():
   np.testing.assert_array_equal(classes, [0, 1, 0, 0, 0, 0, 0])
 
 
+def test_pipeline_crafted_drop_matched_true_wins():
+  scene = list(crafted_scene())
+  t1 = block((6, 8), (6, 8))  # a small true mask inside q1 and q2 (IoU 4/32 and 4/16)
+  scene[2] = np.stack([scene[2][0], t1, scene[2][2]])
+  scene[3] = np.array([True, True, False])
+  masks, classes, valid = run_pipeline(scene, overlap_rule="drop_matched_true_wins")
+  # q0 matches t0 and is dropped; the others keep all but the true pixels: q2 loses t1
+  # (12/16), q4 loses column 3 of t0 (12/16); q1 still loses columns 4-7 to q2 (16/32).
+  np.testing.assert_array_equal(valid, [False, True, True, False, True, False, False])
+  np.testing.assert_array_equal(masks[2], block((4, 8), (4, 8)) & ~t1)
+  np.testing.assert_array_equal(masks[4], block((0, 4), (4, 7)))
+  np.testing.assert_array_equal(masks[1], block((4, 8), (0, 4)))
+  np.testing.assert_array_equal(classes, [0, 1, 0, 0, 0, 0, 0])
+  # The patent's rule alone leaves q2 on t1's pixels and q4 on t0's column 3.
+  literal, _, literal_valid = run_pipeline(scene, overlap_rule="drop_matched")
+  np.testing.assert_array_equal(literal_valid, valid)
+  np.testing.assert_array_equal(literal[2], block((4, 8), (4, 8)))
+  np.testing.assert_array_equal(literal[4], block((0, 4), (3, 7)))
+
+
 def test_pipeline_crafted_noise_threshold_and_max_owners():
   _, _, valid = run_pipeline(crafted_scene(), noise_threshold=0.9)
   # q1 (p=.88) and q3 (p=.73) are entirely noise at 0.9.
@@ -175,6 +195,7 @@ def test_pipeline_crafted_noise_threshold_and_max_owners():
     {},
     {"noise_threshold": 0.6, "max_owners": 2, "min_area_ratio": 0.3},
     {"overlap_rule": "remove_true_pixels", "noise_threshold": 0.6},
+    {"overlap_rule": "drop_matched_true_wins", "match_iou": 0.2},
     {"match_iou": 0.2, "query_score_threshold": 0.3, "min_area_ratio": 0.8},
   ],
 )

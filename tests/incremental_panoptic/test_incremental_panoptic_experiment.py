@@ -239,7 +239,7 @@ def test_method_loss_adds_pseudo_labels_and_distillation(tiny):
       for i in range(2)
     ]
   )
-  targets = []
+  targets, claimed, true_total = [], 0, 0
   for i in range(2):
     pm, pc, pv = core.old_class_pseudo_labels(
       old["class_logits"][i],
@@ -248,6 +248,9 @@ def test_method_loss_adds_pseudo_labels_and_distillation(tiny):
       batch["target_valid"][i],
       old_mask,
     )
+    true_pixels = np.any(batch["target_masks"][i] & batch["target_valid"][i][:, None, None], 0)
+    claimed += np.sum(true_pixels & np.any(np.asarray(pm) & np.asarray(pv)[:, None, None], 0))
+    true_total += true_pixels.sum()
     _, score = core.query_class_confidence(old["class_logits"][i])
     targets.append(
       core.merge_targets(
@@ -272,6 +275,11 @@ def test_method_loss_adds_pseudo_labels_and_distillation(tiny):
   )
   np.testing.assert_allclose(metrics["kd"], kd, rtol=1e-4)
   np.testing.assert_allclose(loss, task + config.method.kd_weight * kd, rtol=1e-4)
+  assert claimed > 0  # the random historical model's pseudo masks reach the true masks
+  np.testing.assert_allclose(metrics["pseudo_on_true"], claimed / true_total, rtol=1e-6)
+  controls = ex.variant_controls(config, "true_wins", "step1")
+  _, metrics = loss_fn(params, batch, None, hist_params=hist, controls=controls)
+  assert metrics["num_pseudo"] > 0 and metrics["pseudo_on_true"] == 0.0
 
 
 def test_historical_params_get_no_gradient(tiny):
@@ -295,7 +303,8 @@ def test_one_compiled_step_serves_every_variant(tiny):
   step = jax.jit(counted)
   from research.training import state
 
-  for phase, variant in [("step0", "naive"), ("step1", "method"), ("step1", "comformer")]:
+  variants = [("step0", "naive"), ("step1", "method"), ("step1", "comformer")]
+  for phase, variant in variants + [("step1", "true_wins")]:
     s = state.create_train_state(params, tx)
     s, m = step(s, hist, ex.variant_controls(config, variant, phase), batch, jax.random.key(0))
     chex.assert_tree_all_finite(m)
