@@ -321,6 +321,10 @@ def test_check_bar():
   assert bar["forgetting_halved"] and bar["new_pq_within_5"]
   r["method"]["new"]["pq"] = 24.0
   assert not ex.check_bar(r, 50.0)["new_pq_within_5"]
+  r["true_wins"] = {"old": {"pq": 20.0}, "new": {"pq": 29.0}}
+  bar = ex.check_bar(r, 50.0, "true_wins")
+  assert bar["forgetting_method"] == 30.0 and not bar["forgetting_halved"]
+  assert bar["new_pq_gap_to_naive"] == 1.0 and bar["new_pq_within_5"]
 
 
 def test_coco_config_is_coco():
