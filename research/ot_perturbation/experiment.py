@@ -713,9 +713,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         run.writer.write(stop["steps"], metrics, phase=f"test/{training}/seed{seed}/{condition}")
       if seed == seed_list[0]:
         examples[training], params_of[training] = batch_outputs, params
-  summary = {t: _over_seeds(per_seed[t]) for t in trainings}
-  results = {t: summary[t][0] for t in trainings}
-  spreads = {t: summary[t][1] for t in trainings}
+  stats = {t: _over_seeds(per_seed[t]) for t in trainings}
+  results = {t: stats[t][0] for t in trainings}
+  spreads = {t: stats[t][1] for t in trainings}
 
   metric = "map50" if spec.task == "detection" else "accuracy"
   names = {"clean": "clean-only", "ot": "OT perturbation (this method)", "pgd": "PGD adv. training"}
