@@ -19,4 +19,5 @@ def get_config(arg=None):
   config.ot.alpha = 2.0 / 255.0
   config.ot.ascent_steps = sizes.pick(size, full=2, demo=1, smoke=1)
   config.attack.steps = sizes.pick(size, full=10, demo=5, smoke=1)
+  config.attack.alpha = 2.0 / 255.0
   return config

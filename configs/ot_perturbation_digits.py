@@ -49,6 +49,6 @@ def get_config(arg=None):
     sinkhorn_epsilon=0.05,
     sinkhorn_iterations=sizes.pick(size, full=50, demo=20, smoke=10),
   )
-  config.attack = dict(steps=sizes.pick(size, full=10, demo=5, smoke=1))
+  config.attack = dict(steps=sizes.pick(size, full=10, demo=5, smoke=1), alpha=config.ot.alpha)
   config.eval = dict(top_k=1)
   return config

@@ -12,15 +12,15 @@ def get_config(arg=None):
   config.task = "detection"
   config.seed = 0
   config.trainings = ("clean", "ot", "pgd")
-  config.num_seeds = sizes.pick(size, full=3, demo=1, smoke=1)
+  config.num_seeds = sizes.pick(size, full=3, demo=3, smoke=1)
   config.data = dict(
     name="street_scenes",
     data_dir="",
     image_size=sizes.pick(size, full=64, demo=32, smoke=32),
     domains=("day",),
     train_per_domain=sizes.pick(size, full=400, demo=200, smoke=8),
-    test_per_domain=sizes.pick(size, full=100, demo=50, smoke=8),
-    max_test_examples=sizes.pick(size, full=400, demo=48, smoke=8),
+    test_per_domain=sizes.pick(size, full=400, demo=200, smoke=8),
+    max_test_examples=sizes.pick(size, full=400, demo=192, smoke=8),
   )
   config.model = dict(
     stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, head_channels=32
@@ -43,8 +43,8 @@ def get_config(arg=None):
   )
   config.ot = dict(
     eps=4.0 / 255.0,
-    alpha=2.0 / 255.0,
-    ascent_steps=sizes.pick(size, full=2, demo=1, smoke=1),
+    alpha=4.0 / 255.0,  # one full-eps step, as Feature Scattering takes.
+    ascent_steps=sizes.pick(size, full=2, demo=2, smoke=1),
     perturbation="uniform",
     vectors="pooled",
     target_set="ascent",
@@ -54,6 +54,9 @@ def get_config(arg=None):
     sinkhorn_epsilon=0.05,
     sinkhorn_iterations=sizes.pick(size, full=50, demo=20, smoke=10),
   )
-  config.attack = dict(steps=sizes.pick(size, full=10, demo=3, smoke=1))
+  config.attack = dict(
+    steps=sizes.pick(size, full=10, demo=3, smoke=1),
+    alpha=sizes.pick(size, full=1.0 / 255.0, demo=2.0 / 255.0, smoke=2.0 / 255.0),
+  )
   config.eval = dict(top_k=sizes.pick(size, full=100, demo=50, smoke=20))
   return config

@@ -93,6 +93,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_checks.check_float(config, "ot.sinkhorn_epsilon", 0.0, exclusive_minimum=True)
   config_checks.check_int(config, "ot.sinkhorn_iterations", 1)
   config_checks.check_int(config, "attack.steps", 1)
+  config_checks.check_float(config, "attack.alpha", 0.0, 1.0, exclusive_minimum=True)
   trainings = config_checks.get_field(config, "trainings")
   if "ot" not in trainings or any(t not in TRAININGS for t in trainings):
     raise config_checks.ConfigError(
@@ -109,9 +110,10 @@ class Spec:
     num_classes: K.
     image_size: (H, W) of the images (detection targets live on (H, W) / stride).
     eps: L-inf perturbation radius (image scale [0, 1]).
-    alpha: ascent step size.
+    alpha: ascent step size of the training target set (OT and PGD).
     ascent_steps: k, ascent steps of the training target set (OT and PGD).
     attack_steps: ascent steps of the evaluation attacks (OT and PGD).
+    attack_alpha: step size of the evaluation attacks.
     perturbation: the random start kind (step 2).
     vectors: 'pooled' backbone features or 'logits' (step 3).
     target_set: 'ascent' (step 5 default) or 'candidates' (option).
@@ -128,6 +130,7 @@ class Spec:
   alpha: float
   ascent_steps: int
   attack_steps: int
+  attack_alpha: float
   perturbation: str
   vectors: str
   target_set: str
@@ -149,6 +152,7 @@ def make_spec(config: ml_collections.ConfigDict, num_classes: int, image_shape: 
     alpha=float(o.alpha),
     ascent_steps=o.ascent_steps,
     attack_steps=config.attack.steps,
+    attack_alpha=float(config.attack.alpha),
     perturbation=o.perturbation,
     vectors=o.vectors,
     target_set=o.target_set,
@@ -278,9 +282,9 @@ def feature_vectors(params: Any, images: jax.Array, *, model: Any, spec: Spec) -
 
 
 def ot_target_set(
-  params: Any, x: jax.Array, rng: jax.Array, *, model: Any, spec: Spec, steps_: int
+  params: Any, x: jax.Array, rng: jax.Array, *, model: Any, spec: Spec, steps_: int, alpha: float
 ) -> tuple[jax.Array, dict]:
-  """Steps 2-5: random start, then the target perturbed set maximising ``D``."""
+  """Steps 2-5: random start, then the target perturbed set maximising ``D`` (step `alpha`)."""
   features_fn = functools.partial(feature_vectors, params, model=model, spec=spec)
   if spec.target_set == "candidates":
     cands = core.candidate_perturbations(
@@ -294,7 +298,7 @@ def ot_target_set(
     x,
     x_init,
     eps=spec.eps,
-    alpha=spec.alpha,
+    alpha=alpha,
     steps=steps_,
     sinkhorn_config=spec.sinkhorn,
   )
@@ -308,12 +312,20 @@ def ot_target_set(
 
 
 def pgd_set(
-  params: Any, x: jax.Array, targets: Any, rng: jax.Array, *, model: Any, spec: Spec, steps_: int
+  params: Any,
+  x: jax.Array,
+  targets: Any,
+  rng: jax.Array,
+  *,
+  model: Any,
+  spec: Spec,
+  steps_: int,
+  alpha: float,
 ) -> jax.Array:
-  """PGD images on the task loss with the true targets (uniform random start)."""
+  """PGD images on the task loss with the true targets (uniform random start, step `alpha`)."""
   x_init = core.perturbed_images(rng, x, kind="uniform", eps=spec.eps)
   loss_fn = lambda images: task_loss(params, images, targets, model=model, spec=spec)[0]  # noqa: E731
-  return core.pgd_attack(loss_fn, x, x_init, eps=spec.eps, alpha=spec.alpha, steps=steps_)
+  return core.pgd_attack(loss_fn, x, x_init, eps=spec.eps, alpha=alpha, steps=steps_)
 
 
 def perturbation_train_step(
@@ -349,13 +361,14 @@ def perturbation_train_step(
   targets = task_targets(batch, spec)
   loss_fn = functools.partial(task_loss, model=model, spec=spec)
   extra: dict = {}
+  k, alpha = spec.ascent_steps, spec.alpha
   if training == "ot":
     x_t, extra = ot_target_set(
-      train_state.params, x, step_rng, model=model, spec=spec, steps_=spec.ascent_steps
+      train_state.params, x, step_rng, model=model, spec=spec, steps_=k, alpha=alpha
     )
   elif training == "pgd":
     x_t = pgd_set(
-      train_state.params, x, targets, step_rng, model=model, spec=spec, steps_=spec.ascent_steps
+      train_state.params, x, targets, step_rng, model=model, spec=spec, steps_=k, alpha=alpha
     )
 
   def objective(params):
@@ -393,10 +406,11 @@ def perturbed_test_images(
     return x
   if condition == "noise":
     return core.perturbed_images(rng, x, kind="uniform", eps=spec.eps)
+  k, alpha = spec.attack_steps, spec.attack_alpha
   if condition == "ot_attack":
-    return ot_target_set(params, x, rng, model=model, spec=spec, steps_=spec.attack_steps)[0]
+    return ot_target_set(params, x, rng, model=model, spec=spec, steps_=k, alpha=alpha)[0]
   targets = task_targets(batch, spec)
-  return pgd_set(params, x, targets, rng, model=model, spec=spec, steps_=spec.attack_steps)
+  return pgd_set(params, x, targets, rng, model=model, spec=spec, steps_=k, alpha=alpha)
 
 
 def eval_step(
@@ -756,11 +770,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       (
         "Setup",
         f"eps={spec.eps:.4g}, alpha={spec.alpha:.4g}, k={spec.ascent_steps} training ascent "
-        f"steps, {spec.attack_steps} attack steps, vectors={spec.vectors}, cost="
-        f"{spec.sinkhorn.cost}, Sinkhorn {spec.sinkhorn.max_iterations} fixed iterations, "
-        f"perturbed_only={spec.perturbed_only}, loss threshold {config.train.loss_threshold}, "
-        f"step limit {config.train.steps}, seeds {seed_list}, "
-        f"{len(data['test']['image'])} test images.",
+        f"steps; {spec.attack_steps} attack steps of {spec.attack_alpha:.4g}; vectors="
+        f"{spec.vectors}, cost={spec.sinkhorn.cost}, Sinkhorn "
+        f"{spec.sinkhorn.max_iterations} fixed iterations, perturbed_only="
+        f"{spec.perturbed_only}; loss threshold {config.train.loss_threshold}, step limit "
+        f"{config.train.steps}; seeds {seed_list}; {len(data['test']['image'])} test images.",
       ),
       ("Results (mean ± sample std over seeds)", report.markdown_table(header, rows)),
       ("Bar (robust metric above clean-only at <= 3 points clean cost)", bar["text"]),

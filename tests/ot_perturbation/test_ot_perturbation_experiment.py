@@ -9,7 +9,7 @@ import pytest
 
 from configs import ot_perturbation_cifar10, ot_perturbation_digits, ot_perturbation_street
 from research import config_checks
-from research.ot_perturbation import experiment
+from research.ot_perturbation import core, experiment
 from research.training import harness
 
 
@@ -75,6 +75,23 @@ def test_two_seeds_report_mean_std_and_paired_verdicts(tmp_path):
   assert set(summary["bar"]["verdicts"].values()) <= {"wins", "ties", "loses"}
 
 
+def test_evaluation_attacks_step_by_attack_alpha_not_the_training_alpha(rng):
+  config = ot_perturbation_digits.get_config("smoke")
+  config.ot.alpha, config.attack.alpha, config.attack.steps = 0.1, 1e-6, 1
+  model = experiment.build_task_model(config, 10)
+  images = np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1), dtype=np.uint8)
+  spec = experiment.make_spec(config, 10, images.shape[1:])
+  params = model.init(rng, jnp.zeros((1, 28, 28, 1)))["params"]
+  batch = {"image": images, "label": np.arange(4)}
+  key = jax.random.key(3)
+  start = core.perturbed_images(key, images / np.float32(255), kind="uniform", eps=spec.eps)
+  for condition in ("pgd", "ot_attack"):
+    x = experiment.perturbed_test_images(
+      params, batch, key, model=model, spec=spec, condition=condition
+    )
+    np.testing.assert_allclose(x, start, atol=2e-6)  # one step of 1e-6 from the random start
+
+
 def test_thing_boxes_map_classes_5_to_8_onto_0_to_3():
   classes = np.array([[5, 8, 2, 7]])
   valid = np.array([[True, True, True, False]])
@@ -105,6 +122,7 @@ def test_logit_vectors_of_the_detector_are_flattened_heatmaps(rng):
     ("trainings", ("clean", "pgd"), "config.trainings"),
     ("data.image_size", 30, "config.data.image_size"),
     ("attack.steps", 0, "config.attack.steps"),
+    ("attack.alpha", 0.0, "config.attack.alpha"),
     ("num_seeds", 0, "config.num_seeds"),
   ],
 )
