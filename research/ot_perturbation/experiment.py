@@ -447,6 +447,18 @@ def _stop_path(run: harness.Run, name: str) -> str:
   return os.path.join(run.workdir, f"{name}_stop.json")
 
 
+def compile_training(
+  config: ml_collections.ConfigDict, model: Any, spec: Spec, training: str, run: harness.Run
+) -> tuple[optax.GradientTransformation, Callable]:
+  """(optimizer, jitted `perturbation_train_step`) of a training, shared by its seeds."""
+  tx = state.make_optimizer(config.optim, config.train.steps)
+  step = parallel.compile_train_step(
+    functools.partial(perturbation_train_step, model=model, tx=tx, spec=spec, training=training),
+    run.mesh,
+  )
+  return tx, step
+
+
 def train_model(
   config: ml_collections.ConfigDict,
   run: harness.Run,
@@ -455,6 +467,7 @@ def train_model(
   spec: Spec,
   training: str,
   seed: int,
+  compiled: tuple[optax.GradientTransformation, Callable] | None = None,
 ) -> tuple[Any, dict]:
   """Trains one model with the step-7 rule; resumes from `<workdir>/<name>_checkpoints`.
 
@@ -464,6 +477,16 @@ def train_model(
   (checkpoint + `<name>_train_stop.json`) and a rerun does not train further. Otherwise
   training ends at `train.steps`.
 
+  Args:
+    config: the experiment config.
+    run: the run context.
+    data: :func:`load_data`'s output.
+    model: detector or classifier.
+    spec: static settings.
+    training: one of ``TRAININGS``.
+    seed: the run's seed.
+    compiled: :func:`compile_training`'s output for `training` (compiled here when None).
+
   Returns:
     (params, {"stop_reason": 'converged' | 'step_limit', "steps": int, "loss": float}).
   """
@@ -472,7 +495,7 @@ def train_model(
   rule = core.ConvergenceRule(float(config.train.loss_threshold), config.train.steps)
   rng = jax.random.key(seed)
   params = harness.init_params(model, rng, data["train"]["image"][0])
-  tx = state.make_optimizer(config.optim, config.train.steps)
+  tx, compiled_step = compiled or compile_training(config, model, spec, training, run)
   train_state = parallel.replicate(state.create_train_state(params, tx), run.mesh)
   checkpointer = run.checkpointer(f"{training}_seed{seed}_checkpoints")
   train_state, _ = loop.restore_or_init(checkpointer, train_state)
@@ -483,14 +506,10 @@ def train_model(
     if stop["stop_reason"] == "converged":
       checkpointer.close()
       return train_state.params, stop
-  compiled = parallel.compile_train_step(
-    functools.partial(perturbation_train_step, model=model, tx=tx, spec=spec, training=training),
-    run.mesh,
-  )
   latest: dict = {"losses": []}
 
   def step_fn(s, batch, key):
-    new_state, metrics = compiled(s, batch, key)
+    new_state, metrics = compiled_step(s, batch, key)
     latest["state"] = new_state
     latest["losses"].append(metrics["loss"])
     return new_state, metrics
@@ -717,9 +736,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   per_seed = {t: [] for t in trainings}
   stops = {t: [] for t in trainings}
   examples, params_of = {}, {}
+  compiled = {t: compile_training(config, model, spec, t, run) for t in trainings}
   for seed in seed_list:
     for training in trainings:
-      params, stop = train_model(config, run, data, model, spec, training, seed)
+      params, stop = train_model(config, run, data, model, spec, training, seed, compiled[training])
       results, batch_outputs = evaluate_model(params, eval_steps, data, spec, config, run, seed)
       per_seed[training].append(results)
       stops[training].append(stop)

@@ -53,11 +53,20 @@ def test_reachable_threshold_stops_converged_and_stores_the_model(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, again)
 
 
-def test_two_seeds_report_mean_std_and_paired_verdicts(tmp_path):
+def test_two_seeds_report_mean_std_and_paired_verdicts(tmp_path, monkeypatch):
+  traces = []
+  step = experiment.perturbation_train_step
+
+  def counted(*args, **kwargs):
+    traces.append(kwargs["training"])
+    return step(*args, **kwargs)
+
+  monkeypatch.setattr(experiment, "perturbation_train_step", counted)
   config = ot_perturbation_digits.get_config("smoke")
   config.trainings = ("clean", "ot")
   config.num_seeds = 2
   summary = experiment.train_and_evaluate(config, str(tmp_path))
+  assert sorted(traces) == ["clean", "ot"]  # one compiled step per training, shared by the seeds
   assert summary["seeds"] == [0, 1]
   for training in ("clean", "ot"):
     accuracies = [r["clean"]["accuracy"] for r in summary["metrics_per_seed"][training]]
