@@ -740,10 +740,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for seed in seed_list:
     for training in trainings:
       params, stop = train_model(config, run, data, model, spec, training, seed, compiled[training])
-      results, batch_outputs = evaluate_model(params, eval_steps, data, spec, config, run, seed)
-      per_seed[training].append(results)
+      seed_results, batch_outputs = evaluate_model(
+        params, eval_steps, data, spec, config, run, seed
+      )
+      per_seed[training].append(seed_results)
       stops[training].append(stop)
-      for condition, metrics in results.items():
+      for condition, metrics in seed_results.items():
         run.writer.write(stop["steps"], metrics, phase=f"test/{training}/seed{seed}/{condition}")
       if seed == seed_list[0]:
         examples[training], params_of[training] = batch_outputs, params
