@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.11,<0.13",
     "tensorflow-datasets>=4.9.8,<4.10",
     "array-record>=0.7,<0.9",
+    # streaming input pipelines (research.data.pipeline); needs no TensorFlow
+    "grain>=0.2.18,<0.3",
     "etils[epath]>=1.7",
     # tfds's builders need it and, without TensorFlow, nothing else pulls it in.
     "importlib_resources>=6",
@@ -22,6 +24,7 @@ INSTALL_REQUIRES = [
     "scipy>=1.12,<2",
     "scikit-learn>=1.4,<2",  # ships the embedded handwritten digits
     "matplotlib>=3.8,<4",
+    "tensorboardX>=2.6.2,<3",  # TensorBoard event files without TensorFlow (<workdir>/tb/)
 ]
 
 EXTRAS_REQUIRE = {
@@ -32,6 +35,7 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10,<0.12",
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
+        "tensorboard>=2.16,<3",  # its EventAccumulator reads our event files back (no TF)
     ],
     "notebooks": ["jupyter", "ipykernel>=6.29,<8"],
     "bench": ["POT>=0.9.4,<0.10"],  # torch==2.13.0 (CPU) is installed by the benchmark script

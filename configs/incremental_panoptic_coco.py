@@ -3,8 +3,9 @@
 Args: None (full), 'demo' or 'smoke'. Needs `coco/2017_panoptic` prepared in `data.data_dir`
 (`tfds build coco/2017_panoptic --data_dir=DIR --file_format=array_record`, which needs
 TensorFlow to construct the builder); records come through `catalogue.coco_panoptic_example`
-and are resized to `image_size` by `experiment.coco_panoptic_arrays` (tested on synthetic
-records of that shape, not via tfds mock data, because the TFDS coco builder needs TensorFlow).
+and are resized to `image_size` by `research.data.panoptic.coco_panoptic_arrays` (tested on
+synthetic records of that shape, not via tfds mock data, because the TFDS coco builder needs
+TensorFlow).
 TFDS labels: 0-79 things, 80-132 stuff. Old: all stuff and things 0-59; new: things 60-79.
 """
 

@@ -7,7 +7,7 @@ Old classes: the stuff classes and car; new classes: truck, person, bicycle.
 
 import ml_collections
 
-from configs import sizes
+from configs import common, sizes
 
 
 def get_config(arg=None):
@@ -61,11 +61,12 @@ def get_config(arg=None):
   config.step1 = dict(
     steps=sizes.pick(size, full=1000, demo=500, smoke=2), learning_rate=1e-3, warmup_steps=0
   )
-  config.train = dict(
-    batch_size=sizes.pick(size, full=16, demo=16, smoke=8),
-    eval_batch_size=sizes.pick(size, full=64, demo=64, smoke=8),
-    log_every=sizes.pick(size, full=100, demo=50, smoke=1),
-    checkpoint_every=sizes.pick(size, full=500, demo=250, smoke=2),
+  config.train = common.train(
+    size,
+    batch_size=(16, 16, 8),
+    eval_batch_size=(64, 64, 8),
+    log_every=(100, 50, 1),
+    checkpoint_every=(500, 250, 2),
   )
   main = ("naive", "method", "joint")
   ablations = ("no_pseudo", "no_distill", "no_weighting", "comformer", "true_wins")

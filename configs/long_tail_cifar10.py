@@ -27,9 +27,17 @@ accuracy compares with the anchors. Head set: classes with more than 100 trainin
 
 import ml_collections
 
-from configs import sizes
+from configs import common, sizes
 
-METHODS = ("dual", "ce", "ce_balanced", "logit_adjusted", "triplet")
+METHODS = (
+  "dual",
+  "dual_all_head",
+  "dual_alternating",
+  "ce",
+  "ce_balanced",
+  "logit_adjusted",
+  "triplet",
+)
 
 
 def cifar_lt_config(arg, *, name: str, p: int, k: int, head_threshold: int):
@@ -60,23 +68,18 @@ def cifar_lt_config(arg, *, name: str, p: int, k: int, head_threshold: int):
     embedding_dim=sizes.pick(size, full=128, demo=128, smoke=16),
     stem_strides=1,
   )
-  config.optim = dict(
-    name="sgd",
-    learning_rate=0.1,
-    schedule="cosine",
-    warmup_steps=sizes.pick(size, full=500, demo=50, smoke=0),
-    weight_decay=2e-4,
-    momentum=0.9,
-  )
+  config.optim = common.sgd(size, learning_rate=0.1, warmup_steps=(500, 50, 0), weight_decay=2e-4)
   batch = 2 * p * k
-  config.train = dict(
+  config.train = common.train(
+    size,
     # About 200 epochs of the rho = 100 training set at 128 images per step.
-    steps=sizes.pick(size, full=20_000, demo=1_000, smoke=2),
-    batch_size=sizes.pick(size, full=batch, demo=batch, smoke=16),
-    head_batch_size=sizes.pick(size, full=p * k, demo=p * k, smoke=8),
-    eval_batch_size=sizes.pick(size, full=1000, demo=1000, smoke=16),
-    log_every=sizes.pick(size, full=200, demo=100, smoke=1),
-    checkpoint_every=sizes.pick(size, full=2000, demo=500, smoke=0),
+    steps=(20_000, 1_000, 2),
+    batch_size=(batch, batch, 16),
+    head_batch_size=(p * k, p * k, 8),
+    eval_batch_size=(1000, 1000, 16),
+    log_every=(200, 100, 1),
+    checkpoint_every=(2000, 500, 0),
+    schedule="joint",
   )
   if size == "smoke":
     config.triplet.p, config.triplet.k = 4, 2
@@ -84,5 +87,6 @@ def cifar_lt_config(arg, *, name: str, p: int, k: int, head_threshold: int):
 
 
 def get_config(arg=None):
-  # 128 images per step for every method: dual 64 head + 8 x 8 PK; triplet only 8 x 16.
+  # 128 images per step: dual arms 64 head + 8 x 8 PK, CE arms 128; triplet only the same
+  # 8 x 8 PK batch as the dual arm's whole-set branch (64).
   return cifar_lt_config(arg, name="cifar10", p=8, k=8, head_threshold=100)

@@ -22,5 +22,6 @@ from configs import long_tail_cifar10
 
 
 def get_config(arg=None):
-  # 128 images per step for every method: dual 64 head + 16 x 4 PK; triplet only 16 x 8.
+  # 128 images per step: dual arms 64 head + 16 x 4 PK, CE arms 128; triplet only the same
+  # 16 x 4 PK batch as the dual arm's whole-set branch (64).
   return long_tail_cifar10.cifar_lt_config(arg, name="cifar100", p=16, k=4, head_threshold=100)

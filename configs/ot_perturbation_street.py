@@ -2,17 +2,46 @@
 
 import ml_collections
 
-from configs import sizes
+from configs import common, sizes
+
+
+def method_config(task, num_seeds, *, eps, alpha, ascent_steps, size):
+  """The M5 fields every variant shares: arms, seeds and the `ot` block (steps 2-5).
+
+  `num_seeds`, `eps`, `alpha` and `ascent_steps` may be `(full, demo, smoke)` tuples.
+  """
+  config = ml_collections.ConfigDict()
+  config.experiment = "ot_perturbation"
+  config.task = task
+  config.seed = 0
+  config.trainings = ("clean", "ot", "pgd")
+  config.num_seeds = common.by_size(size, num_seeds)
+  config.ot = dict(
+    eps=common.by_size(size, eps),
+    alpha=common.by_size(size, alpha),
+    ascent_steps=common.by_size(size, ascent_steps),
+    perturbation="uniform",
+    vectors="pooled",
+    target_set="ascent",
+    num_candidates=4,
+    perturbed_only=False,  # True: loss2 alone; with vectors="logits" as Feature Scattering.
+    cost="cosine",
+    sinkhorn_epsilon=0.05,
+    sinkhorn_iterations=sizes.pick(size, full=50, demo=20, smoke=10),
+  )
+  return config
 
 
 def get_config(arg=None):
   size = sizes.parse(arg)
-  config = ml_collections.ConfigDict()
-  config.experiment = "ot_perturbation"
-  config.task = "detection"
-  config.seed = 0
-  config.trainings = ("clean", "ot", "pgd")
-  config.num_seeds = sizes.pick(size, full=3, demo=3, smoke=1)
+  config = method_config(
+    "detection",
+    (3, 3, 1),
+    eps=4.0 / 255.0,
+    alpha=4.0 / 255.0,  # one full-eps step, as Feature Scattering takes.
+    ascent_steps=(2, 2, 1),
+    size=size,
+  )
   config.data = dict(
     name="street_scenes",
     data_dir="",
@@ -25,34 +54,15 @@ def get_config(arg=None):
   config.model = dict(
     stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, head_channels=32
   )
-  config.optim = dict(
-    name="adam",
-    learning_rate=3e-3,
-    schedule="cosine",
-    warmup_steps=sizes.pick(size, full=50, demo=10, smoke=0),
-    weight_decay=0.0,
-    momentum=0.9,
-  )
-  config.train = dict(
-    steps=sizes.pick(size, full=2000, demo=120, smoke=2),
-    batch_size=sizes.pick(size, full=32, demo=16, smoke=8),
-    eval_batch_size=sizes.pick(size, full=64, demo=48, smoke=8),
-    log_every=sizes.pick(size, full=50, demo=20, smoke=1),
-    checkpoint_every=sizes.pick(size, full=500, demo=60, smoke=2),
+  config.optim = common.adam(size, warmup_steps=(50, 10, 0))
+  config.train = common.train(
+    size,
+    steps=(2000, 120, 2),
+    batch_size=(32, 16, 8),
+    eval_batch_size=(64, 48, 8),
+    log_every=(50, 20, 1),
+    checkpoint_every=(500, 60, 2),
     loss_threshold=0.05,
-  )
-  config.ot = dict(
-    eps=4.0 / 255.0,
-    alpha=4.0 / 255.0,  # one full-eps step, as Feature Scattering takes.
-    ascent_steps=sizes.pick(size, full=2, demo=2, smoke=1),
-    perturbation="uniform",
-    vectors="pooled",
-    target_set="ascent",
-    num_candidates=4,
-    perturbed_only=False,  # True: loss2 alone; with vectors="logits" as Feature Scattering.
-    cost="cosine",
-    sinkhorn_epsilon=0.05,
-    sinkhorn_iterations=sizes.pick(size, full=50, demo=20, smoke=10),
   )
   config.attack = dict(
     steps=sizes.pick(size, full=10, demo=3, smoke=1),

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import sizes
+from configs import common, sizes
 
 
 def get_config(arg=None):
@@ -20,19 +20,13 @@ def get_config(arg=None):
     heldout_domains=("night",),
   )
   config.model = dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), decoder_width=32)
-  config.optim = dict(
-    name="adam",
-    learning_rate=3e-3,
-    schedule="cosine",
-    warmup_steps=20,
-    weight_decay=0.0,
-    momentum=0.9,
-  )
-  config.train = dict(
-    steps=sizes.pick(size, full=2000, demo=300, smoke=3),
-    batch_size=sizes.pick(size, full=32, demo=32, smoke=8),
-    eval_batch_size=sizes.pick(size, full=64, demo=64, smoke=8),
-    log_every=sizes.pick(size, full=100, demo=50, smoke=1),
-    checkpoint_every=sizes.pick(size, full=500, demo=100, smoke=2),
+  config.optim = common.adam(size)
+  config.train = common.train(
+    size,
+    steps=(2000, 300, 3),
+    batch_size=(32, 32, 8),
+    eval_batch_size=(64, 64, 8),
+    log_every=(100, 50, 1),
+    checkpoint_every=(500, 100, 2),
   )
   return config

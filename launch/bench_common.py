@@ -163,3 +163,123 @@ def torch_segmenter(stage_sizes, widths, decoder_width, num_classes):
       return self.classifier(y)
 
   return Seg()
+
+
+# Per-op profiles (which operation the time goes to), for both frameworks.
+
+
+def _hlo_op_kinds(hlo_text: str) -> dict[str, str]:
+  """Maps each instruction name of a compiled HLO module to a short description.
+
+  Plain instructions map to their opcode; a fusion maps to ``fusion[...]`` listing the
+  expensive opcodes inside it (convolution, dot, reduce, exponential, ...) so that a profile
+  row says what the fused kernel computes.
+  """
+  import re
+
+  computations, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+      continue
+    op = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(", line)
+    if op and current is not None:
+      calls = re.search(r"calls=%?([\w.\-]+)", line)
+      current.append((op.group(1), op.group(2), calls.group(1) if calls else None))
+  notable = ("convolution", "dot", "reduce", "exponential", "log", "reduce-window", "scatter")
+  kinds = {}
+  for ops in computations.values():
+    for name, opcode, called in ops:
+      if opcode == "fusion" and called in computations:
+        inner = sorted({o for _, o, _ in computations[called] if o in notable})
+        kinds[name] = f"fusion[{','.join(inner)}]" if inner else "fusion[elementwise]"
+      else:
+        kinds[name] = opcode
+  return kinds
+
+
+def jax_op_profile(fn, compiled, calls: int = 3, top: int = 12) -> list[dict]:
+  """Top XLA ops by time of a jitted function, from a `jax.profiler` trace.
+
+  Args:
+    fn: zero-argument function that runs the compiled program once and blocks.
+    compiled: the `jax.stages.Compiled` of that program (for op descriptions).
+    calls: traced calls; times are per call.
+    top: rows to keep.
+
+  Returns:
+    Rows ``{"op", "kind", "ms_per_call", "share"}`` sorted by time; ``share`` is the fraction
+    of the summed op time (ops on different threads may overlap, so the sum can exceed the
+    wall time). Control flow (``while``, ``conditional``, ``call``) is left out: its time is
+    that of the ops inside it, which are listed themselves.
+  """
+  import collections
+  import glob
+  import tempfile
+
+  import jax
+
+  kinds = _hlo_op_kinds(compiled.as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp):
+      for _ in range(calls):
+        fn()
+    (path,) = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+    totals = collections.Counter()
+    for plane in profile.planes:
+      for line in plane.lines:
+        for event in line.events:
+          stats = dict(event.stats)
+          name = stats.get("hlo_op")
+          if name is not None and kinds.get(name) not in ("while", "conditional", "call"):
+            totals[name] += event.duration_ns
+  total = sum(totals.values()) or 1
+  return [
+    {
+      "op": name,
+      "kind": kinds.get(name, "?"),
+      "ms_per_call": ns / calls / 1e6,
+      "share": ns / total,
+    }
+    for name, ns in totals.most_common(top)
+  ]
+
+
+def torch_op_profile(fn, calls: int = 3, top: int = 12) -> list[dict]:
+  """Top PyTorch operators by self CPU time, from `torch.profiler`.
+
+  Args:
+    fn: zero-argument function running the PyTorch work once.
+    calls: profiled calls; times are per call.
+    top: rows to keep.
+
+  Returns:
+    Rows ``{"op", "ms_per_call", "share"}`` sorted by self CPU time.
+  """
+  import torch
+
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    for _ in range(calls):
+      fn()
+  events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+  total = sum(e.self_cpu_time_total for e in events) or 1
+  events.sort(key=lambda e: -e.self_cpu_time_total)
+  return [
+    {
+      "op": e.key,
+      "ms_per_call": e.self_cpu_time_total / calls / 1e3,
+      "share": e.self_cpu_time_total / total,
+    }
+    for e in events[:top]
+  ]
+
+
+def op_table(title: str, rows: list[dict]) -> str:
+  """A printable table of `jax_op_profile` / `torch_op_profile` rows."""
+  lines = [title]
+  for row in rows:
+    kind = f" {row['kind']}" if "kind" in row else ""
+    lines.append(f"  {row['ms_per_call']:8.2f} ms {100 * row['share']:5.1f}%  {row['op']}{kind}")
+  return "\n".join(lines)

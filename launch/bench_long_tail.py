@@ -11,7 +11,7 @@ Two measurements, each timed alternately (JAX, torch, JAX, ...) with repeats:
    ours; the values are compared too).
 2. The full dual training step of the digits experiment (ResNet with stages (1, 1, 1),
    widths (16, 32, 64), GroupNorm, 8x8 images, 32 head images + 8 x 4 PK images, Adam):
-   our compiled `steps.train_step` with `experiment.dual_loss_fn` vs the same network written
+   our compiled `steps.train_step` with `arms.dual_loss_fn` vs the same network written
    in torch with CE on the head batch + the pytorch-metric-learning loss on the PK batch.
 
 torch and pytorch-metric-learning are benchmark-only dependencies (not in setup.py).
@@ -31,7 +31,7 @@ import optax
 from absl import app, flags
 
 from launch import bench_common
-from research.long_tail import core, experiment
+from research.long_tail import arms, core
 from research.models.resnet import ResNet
 from research.training import state, steps
 
@@ -117,7 +117,7 @@ def dual_step_benchmark(repeats: int, iters: int) -> dict:
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
   tx = optax.adam(1e-3)
   loss_fn = functools.partial(
-    experiment.dual_loss_fn,
+    arms.dual_loss_fn,
     model=model,
     head_classes=head_classes,
     lambda_ce=1.0,

@@ -45,6 +45,7 @@ _ITERS = flags.DEFINE_integer("iters", 5, "Steps per repeat.")
 _LAYERS = flags.DEFINE_bool(
   "layers", True, "Also time forward, input-gradient and weight-gradient of each 3x3 conv."
 )
+_PROFILE = flags.DEFINE_bool("profile", True, "Per-op profiles of both steps (default variant).")
 _CHILD = flags.DEFINE_string("child_variant", None, "Internal: measure one variant in-process.")
 
 
@@ -307,6 +308,11 @@ def measure_variant(variant: str, steps_to_run, repeats: int, iters: int) -> dic
       "jax_gradient_s": grad_s,
       **info,
     }
+    if _PROFILE.value and variant == "default":
+      results["steps"][name]["profile_jax"] = bench_common.jax_op_profile(
+        lambda: jax.block_until_ready(jax_iter()), compiled
+      )
+      results["steps"][name]["profile_torch"] = bench_common.torch_op_profile(torch_step)
   if _LAYERS.value and variant == "default":
     results["conv_layers"] = conv_layer_breakdown(STEP_SPECS["classification"]["batch"])
   return results
@@ -377,6 +383,7 @@ def main(argv):
         f"--repeats={_REPEATS.value}",
         f"--iters={_ITERS.value}",
         f"--layers={_LAYERS.value}",
+        f"--profile={_PROFILE.value}",
       ],
       env=env,
       capture_output=True,
@@ -391,6 +398,10 @@ def main(argv):
   for result in all_results:
     if result.get("conv_layers"):
       print(_layer_table(result))
+    for name, m in result["steps"].items():
+      for key, title in (("profile_jax", "JAX ops"), ("profile_torch", "PyTorch ops")):
+        if key in m:
+          print(bench_common.op_table(f"{result['variant']} {name} step, {title}:", m[key]))
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(all_results, f, indent=2, default=float)

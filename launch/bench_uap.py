@@ -6,7 +6,9 @@ r"""Benchmark of M1's perturbation rounds: our jitted round vs the same attack i
    iterative FGSM with the weighted per-pixel loss and Clip_xi) on the `Segmenter`, against the
    same targeted iterative FGSM on the same architecture written in PyTorch, timed alternately
    with repeats (min / median / max and the ratio of medians).
-2. Scaling of the per-dataset accumulation (`universal_perturbation_sharded`: data-parallel
+2. Per-op profiles of both: the top XLA ops of the compiled attack (`jax.profiler`) and the top
+   PyTorch operators (`torch.profiler`), so each remaining gap has a named op.
+3. Scaling of the per-dataset accumulation (`universal_perturbation_sharded`: data-parallel
    rounds and the `lax.psum` of the weighted sum, and `accumulate_with_shard_map` alone) over
    1, 2, 4, 8 fake CPU devices, in a subprocess with
    `XLA_FLAGS=--xla_force_host_platform_device_count=8`. Fake devices share the same CPU cores,
@@ -35,6 +37,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Fast-gradient rounds per timed call
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating timed repeats per implementation.")
 _SCALING = flags.DEFINE_bool("scaling", True, "Also run the 1..8 fake-device scaling part.")
 _SCALING_CHILD = flags.DEFINE_bool("scaling_child", False, "Internal: run the scaling part here.")
+_PROFILE = flags.DEFINE_bool("profile", True, "Also record per-op profiles of both frameworks.")
 
 NUM_CLASSES = 9
 STAGE_SIZES, WIDTHS, DECODER_WIDTH = (1, 1, 1), (16, 32, 64), 32
@@ -53,7 +56,7 @@ def _inputs(seed: int = 0):
 
 
 def jax_attack():
-  """A zero-argument function that runs `rounds` jitted rounds on the batch and blocks."""
+  """A zero-argument function running `rounds` jitted rounds and blocking, and its compiled."""
   import jax
   import jax.numpy as jnp
 
@@ -73,8 +76,8 @@ def jax_attack():
     )
 
   x = jnp.asarray(x)
-  attack(params, x, mixed, mask).block_until_ready()  # compile
-  return lambda: attack(params, x, mixed, mask).block_until_ready()
+  compiled = attack.lower(params, x, mixed, mask).compile()
+  return lambda: compiled(params, x, mixed, mask).block_until_ready(), compiled
 
 
 def torch_attack():
@@ -129,9 +132,10 @@ def _stats(times: list[float], work: float) -> dict:
 
 
 def bench_rounds() -> dict:
-  """Alternating timings of the JAX and the PyTorch attack."""
+  """Alternating timings of the JAX and the PyTorch attack, and their per-op profiles."""
   work = float(_IMAGES.value * _ROUNDS.value)
-  impls = {"jax (ours, jitted)": jax_attack(), "pytorch (cpu, eager)": torch_attack()}
+  ours, compiled = jax_attack()
+  impls = {"jax (ours, jitted)": ours, "pytorch (cpu, eager)": torch_attack()}
   impls = {k: v for k, v in impls.items() if v is not None}
   times = {k: [] for k in impls}
   for _ in range(_REPEATS.value):
@@ -141,8 +145,14 @@ def bench_rounds() -> dict:
       times[name].append(time.perf_counter() - start)
   out = {name: _stats(ts, work) for name, ts in times.items()}
   if len(out) == 2:
-    ours, peer = (v["seconds_median"] for v in out.values())
-    out["ratio_jax_over_pytorch_rounds_per_s"] = peer / ours
+    ours_t, peer_t = (v["seconds_median"] for v in out.values())
+    out["ratio_jax_over_pytorch_rounds_per_s"] = peer_t / ours_t
+    ours_t, peer_t = (v["seconds_min"] for v in out.values() if isinstance(v, dict))
+    out["ratio_jax_over_pytorch_best"] = peer_t / ours_t
+  if _PROFILE.value:
+    out["profile_jax"] = bench_common.jax_op_profile(ours, compiled)
+    if "pytorch (cpu, eager)" in impls:
+      out["profile_pytorch"] = bench_common.torch_op_profile(impls["pytorch (cpu, eager)"])
   return out
 
 
@@ -242,15 +252,25 @@ def main(argv):
   results["machine"]["load_average_after"] = list(os.getloadavg())
   lines = ["implementation | rounds/s (median) | s/call min / median / max"]
   for name, v in results["rounds"].items():
-    if isinstance(v, dict):
+    if isinstance(v, dict) and "seconds_min" in v:
       lines.append(
         f"{name} | {v['rounds_per_s_median']:.1f} | {v['seconds_min']:.3f} / "
         f"{v['seconds_median']:.3f} / {v['seconds_max']:.3f}"
       )
   if "ratio_jax_over_pytorch_rounds_per_s" in results["rounds"]:
     lines.append(
-      f"ratio jax / pytorch: {results['rounds']['ratio_jax_over_pytorch_rounds_per_s']:.2f}"
+      f"ratio jax / pytorch: {results['rounds']['ratio_jax_over_pytorch_rounds_per_s']:.2f} "
+      f"(medians), {results['rounds']['ratio_jax_over_pytorch_best']:.2f} (best calls); "
+      f"load {results['machine']['load_average_1_5_15'][0]:.1f} -> "
+      f"{results['machine']['load_average_after'][0]:.1f} on {results['machine']['cores']} cores"
     )
+  for key, title in (("profile_jax", "JAX ops"), ("profile_pytorch", "PyTorch ops")):
+    if key in results["rounds"]:
+      lines.append(
+        bench_common.op_table(
+          f"{title} per call of {_ROUNDS.value} rounds:", results["rounds"][key]
+        )
+      )
   for n_dev, v in results.get("scaling_fake_devices", {}).items():
     lines.append(
       f"{n_dev} fake devices | {v['rounds_per_s']:.1f} rounds/s | accumulate(256) "

@@ -14,7 +14,8 @@ import time
 from absl import app, flags, logging
 
 from research import experiments
-from research.training import progress, report
+from research.study import tables
+from research.training import progress
 
 # (name, config module): one entry per experiment in the demo, in running order.
 DEMO_CONFIGS = (
@@ -60,10 +61,10 @@ def run_demo(workdir: str, size: str, only: tuple[str, ...] = ()) -> str:
         ]
       )
     links.append(f"- [{name}]({name}/report.md)")
-  table = report.markdown_table(
+  table = tables.markdown_table(
     ["experiment", "metric", "baseline", "baseline value", "value", "time"], rows
   )
-  return report.write_report(
+  return tables.write_report(
     workdir,
     f"Demo ({size} size)",
     [

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import glob
 import os
+import shutil
 from collections.abc import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from research.data import digits, street_scenes
 
@@ -44,9 +47,17 @@ class StreetScenesConfig(tfds.core.BuilderConfig):
 
 
 def street_scenes_config(image_size: int, train_per_domain: int, test_per_domain: int):
-  """A `StreetScenesConfig` whose name encodes its sizes, so each size has its own cache."""
+  """A `StreetScenesConfig` whose name encodes its sizes, so each size has its own cache.
+
+  The sizes of a declared config (`StreetScenes.BUILDER_CONFIGS`) give that declared object:
+  TFDS refuses a new config object that reuses a declared config's name.
+  """
+  name = f"s{image_size}_tr{train_per_domain}_te{test_per_domain}"
+  declared = {c.name: c for c in StreetScenes.BUILDER_CONFIGS}
+  if name in declared:
+    return declared[name]
   return StreetScenesConfig(
-    name=f"s{image_size}_tr{train_per_domain}_te{test_per_domain}",
+    name=name,
     image_size=image_size,
     train_per_domain=train_per_domain,
     test_per_domain=test_per_domain,
@@ -57,7 +68,11 @@ class StreetScenes(tfds.core.GeneratorBasedBuilder):
   """Procedural street scenes, one train and one test split per domain (`day_train`, ...)."""
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [street_scenes_config(64, 400, 100)]
+  BUILDER_CONFIGS = [
+    StreetScenesConfig(
+      name="s64_tr400_te100", image_size=64, train_per_domain=400, test_per_domain=100
+    )
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     s = self.builder_config.image_size
@@ -123,13 +138,20 @@ def prepared_builder(
 
   Processes sharing `data_dir` (pytest workers, hosts of one job) take turns under an exclusive
   file lock, and the builder is created inside the lock, so a process that waited reads the
-  files the first one wrote instead of writing them again.
+  files the first one wrote instead of writing them again. Folders that an interrupted
+  preparation left behind (TFDS's `incomplete.*`) are deleted first: under the lock, no other
+  preparation is running.
   """
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, ".prepare.lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       builder = make_builder()
+      for leftover in glob.glob(
+        os.path.join(data_dir, builder.name, "**", "incomplete.*"), recursive=True
+      ):
+        logging.info("deleting %s, left by an interrupted preparation", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
       builder.download_and_prepare(file_format=FILE_FORMAT)
     finally:
       fcntl.flock(lock, fcntl.LOCK_UN)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import read_only_builder, registered
 
 from research.data import digits
 
@@ -90,10 +91,29 @@ class MappedSource(Sequence):
 
 
 def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence:
-  """`tfds.data_source` without download; a missing dataset fails with one sentence."""
+  """A prepared dataset's random-access source; a missing dataset fails with one sentence.
+
+  The prepared files are read directly (`builder_from_files`), so no dataset code runs: some
+  TFDS builders (e.g. `coco`) import TensorFlow, which is not installed. Without files,
+  `tfds.data_source` is asked without download (under `tfds.testing.mock_data` it gives mock
+  records); a dataset found nowhere, or whose code would need TensorFlow, is not prepared.
+  """
+  try:
+    builder = read_only_builder.builder_from_files(name, data_dir=data_dir)
+  except registered.DatasetNotFoundError:
+    builder = None
+  if builder is not None:
+    return builder.as_data_source(split=split)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except (NotImplementedError, FileNotFoundError, AssertionError, ValueError) as e:
+  except (
+    NotImplementedError,
+    FileNotFoundError,
+    AssertionError,
+    ValueError,
+    KeyError,
+    ModuleNotFoundError,
+  ) as e:
     raise DatasetNotPreparedError(
       f"dataset {name!r} (split {split!r}) is not prepared in data_dir={data_dir!r}: on a "
       f"machine with internet run `tfds build {name} --data_dir=DIR "

@@ -1,18 +1,32 @@
-"""A 2-D convolution whose weight gradient is a sum of shifted matmuls (faster on XLA:CPU).
+"""A 2-D convolution with faster input and weight gradients on XLA:CPU.
 
-XLA:CPU computes the weight gradient of a convolution with few input channels at high
-resolution an order of magnitude slower than PyTorch does (`launch/bench_steps.py --layers`:
-5-10 GFLOP/s for the 3- and 16-channel layers of the 32x32 ResNet, against 50-100 for the
-forward pass). Written as one matmul per kernel tap,
+Two XLA:CPU slow paths are avoided, each measured with `launch/bench_steps.py --layers` and
+`launch/bench_uap.py`:
 
-    dW[i, j] = sum_{b, h, w} x_pad[b, s*h + i, s*w + j, :]^T dy[b, h, w, :],
+* **Input gradient.** JAX's transpose rule writes the input gradient as a convolution whose
+  kernel is the forward kernel read with swapped in/out dimensions (`dim_labels ..._01oi`).
+  Outside a loop XLA:CPU materialises that transposed kernel and calls its fast (Eigen)
+  convolution; inside a `while` loop (`lax.fori_loop`, `lax.scan`) it keeps the `01oi` layout
+  and runs a generic convolution loop about ten times slower, so an attack written with
+  `fori_loop` ran 9x slower than the same rounds unrolled (issue 18). Here the input gradient
+  is a plain HWIO convolution of the (stride-dilated) output gradient with the flipped,
+  in/out-swapped kernel `w[::-1, ::-1].swapaxes(2, 3)`, which XLA runs on its fast path
+  everywhere.
+* **Weight gradient.** XLA:CPU computes the weight gradient of a convolution with few input
+  channels at high resolution an order of magnitude slower than PyTorch does (5-10 GFLOP/s for
+  the 3- and 16-channel layers of the 32x32 ResNet, against 50-100 for the forward pass).
+  Written as one matmul per kernel tap,
 
-it is several times faster there. `conv_general_dilated` is a drop-in for
-`lax.conv_general_dilated` that flax's `nn.Conv(conv_general_dilated=...)` accepts: the forward
-pass and the input gradient are XLA's own; only the weight gradient changes, and only for plain
-NHWC/HWIO convolutions on CPU with at most `MAX_SHIFTED_IN_CHANNELS` input channels (elsewhere,
-e.g. with 32 or more channels or on GPU/TPU, XLA's kernel is as fast or faster). The result equals
-XLA's to float32 rounding (tests/models/test_conv.py).
+      dW[i, j] = sum_{b, h, w} x_pad[b, s*h + i, s*w + j, :]^T dy[b, h, w, :],
+
+  it is several times faster there; it is used up to `MAX_SHIFTED_IN_CHANNELS` input channels
+  (wider layers keep XLA's weight gradient, which is as fast or faster).
+
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` that flax's
+`nn.Conv(conv_general_dilated=...)` accepts. The forward pass is XLA's own; only the gradients
+change, and only for plain (undilated, ungrouped) NHWC/HWIO convolutions on CPU (on GPU/TPU the
+vendor libraries handle both layouts). Results equal XLA's to float32 rounding
+(tests/models/test_conv.py).
 """
 
 from __future__ import annotations
@@ -67,22 +81,57 @@ def shifted_weight_gradient(
   return jnp.stack([jnp.stack(row) for row in taps])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_shifted_grad(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
+def transposed_input_gradient(
+  dy: jax.Array, w: jax.Array, input_hw: Sequence[int], strides, pads
+) -> jax.Array:
+  """Input gradient of an NHWC convolution as a plain HWIO convolution (fast on XLA:CPU).
+
+  For one spatial axis with kernel size k, stride s, padding (lo, hi), input size n and output
+  size m, ``dx[t] = sum_i dy_dilated[t + lo - i] w[i]``: a correlation of ``dy`` dilated by
+  ``s`` (length ``(m - 1) s + 1``) with the flipped kernel, padded by ``k - 1 - lo`` before and
+  ``n + lo - (m - 1) s - 1`` after (negative padding crops).
+
+  Args:
+    dy: [B, H_out, W_out, C_out] gradient of the output.
+    w: [k_h, k_w, C_in, C_out] HWIO kernel of the forward pass.
+    input_hw: (H, W) of the forward input.
+    strides: (s_h, s_w).
+    pads: ((top, bottom), (left, right)) explicit padding of the forward pass.
+
+  Returns:
+    [B, H, W, C_in] gradient of the input.
+  """
+  dilated = [(m - 1) * s + 1 for m, s in zip(dy.shape[1:3], strides)]
+  padding = [
+    (k - 1 - lo, n + lo - d) for k, (lo, _), n, d in zip(w.shape[:2], pads, input_hw, dilated)
+  ]
+  w_flipped = jnp.swapaxes(w[::-1, ::-1], 2, 3)  # [k_h, k_w, C_out, C_in]
+  return lax.conv_general_dilated(
+    dy, w_flipped, (1, 1), padding, lhs_dilation=tuple(strides), dimension_numbers=_NHWC
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_fast_grads(x: jax.Array, w: jax.Array, strides, pads, shifted: bool) -> jax.Array:
   return _conv(x, w, strides, pads)
 
 
-def _forward(x, w, strides, pads):
+def _forward(x, w, strides, pads, shifted):
+  del shifted
   return _conv(x, w, strides, pads), (x, w)
 
 
-def _backward(strides, pads, residuals, dy):
+def _backward(strides, pads, shifted, residuals, dy):
   x, w = residuals
-  dx = jax.vjp(lambda x: _conv(x, w, strides, pads), x)[1](dy)[0]
-  return dx, shifted_weight_gradient(x, dy, w.shape[:2], strides, pads)
+  dx = transposed_input_gradient(dy, w, x.shape[1:3], strides, pads)
+  if shifted:
+    dw = shifted_weight_gradient(x, dy, w.shape[:2], strides, pads)
+  else:
+    dw = jax.vjp(lambda w: _conv(x, w, strides, pads), w)[1](dy)[0]
+  return dx, dw
 
 
-_conv_shifted_grad.defvjp(_forward, _backward)
+_conv_fast_grads.defvjp(_forward, _backward)
 
 
 def _varying_axes(a: jax.Array) -> frozenset:
@@ -125,19 +174,22 @@ def conv_general_dilated(
   precision=None,
   **kwargs,
 ) -> jax.Array:
-  """`lax.conv_general_dilated` with the shifted-matmul weight gradient where it is faster.
+  """`lax.conv_general_dilated` with the faster CPU gradients of the module docstring.
 
   Same arguments and forward result as `lax.conv_general_dilated`; see the module docstring
-  for when the weight gradient is replaced.
+  for when the gradients are replaced.
   """
-  use_shifted = (
+  pads = None
+  if (
     jax.default_backend() == "cpu"
     and precision is None
     and not kwargs
-    and rhs.shape[-2] <= MAX_SHIFTED_IN_CHANNELS
     and _is_plain(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
-  )
-  if not use_shifted:
+  ):
+    if isinstance(padding, str):
+      padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if pads is None or min(min(p) for p in pads) < 0:  # negative (cropping) pads stay XLA's
     return lax.conv_general_dilated(
       lhs,
       rhs,
@@ -150,14 +202,12 @@ def conv_general_dilated(
       precision=precision,
       **kwargs,
     )
-  if isinstance(padding, str):
-    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   axes = _varying_axes(lhs) | _varying_axes(rhs)
-  return _conv_shifted_grad(
-    _vary_like(lhs, axes), _vary_like(rhs, axes), tuple(window_strides), pads
+  shifted = rhs.shape[-2] <= MAX_SHIFTED_IN_CHANNELS
+  return _conv_fast_grads(
+    _vary_like(lhs, axes), _vary_like(rhs, axes), tuple(window_strides), pads, shifted
   )
 
 
-# `nn.Conv` with the weight gradient above; parameters and names are those of `nn.Conv`.
+# `nn.Conv` with the gradients above; parameters and names are those of `nn.Conv`.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)

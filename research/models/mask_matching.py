@@ -27,8 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.optimize
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+SOLVERS = ("auto", "optax", "scipy")
 
 
 def _check_non_negative(**values: float) -> None:
@@ -158,18 +160,93 @@ def matching_cost(
   return pad_target_costs(cost, target_valid)
 
 
-def hungarian_match(cost: jax.Array, target_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+def resolve_solver(solver: str) -> str:
+  """The Hungarian solver to run: ``'auto'`` is scipy on CPU and optax elsewhere.
+
+  On CPU scipy's ``linear_sum_assignment`` (a host callback) is several times faster per
+  image than optax's in-graph solver (``launch/bench_incremental_panoptic.py``); on
+  accelerators the in-graph solver avoids a device-host round trip.
+
+  Args:
+    solver: one of ``SOLVERS``.
+
+  Returns:
+    ``'optax'`` or ``'scipy'``.
+
+  Raises:
+    ValueError: for a solver not in ``SOLVERS``.
+  """
+  if solver not in SOLVERS:
+    raise ValueError(f"solver={solver!r} is not allowed: solver must be one of {list(SOLVERS)}")
+  if solver == "auto":
+    return "scipy" if jax.default_backend() == "cpu" else "optax"
+  return solver
+
+
+def _scipy_assignment(cost: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Host side of the scipy solver: ``linear_sum_assignment`` on each valid sub-problem.
+
+  Padded targets all carry the same cost (``pad_target_costs``), so solving the valid columns
+  alone and then pairing the padded columns with unused queries gives the same total cost as
+  solving the padded problem, with less work (the valid sub-problem is what Mask2Former
+  solves).
+
+  Args:
+    cost: ``[..., Q, T]`` costs (any leading batch dimensions, from ``vmap``).
+    valid: ``[..., T]`` bool; its leading dimensions broadcast against those of ``cost``.
+
+  Returns:
+    ``rows, cols`` ``[..., min(Q, T)]`` int32, the matched pairs of each matrix.
+  """
+  cost, valid = np.asarray(cost), np.asarray(valid)
+  (q, t), batch = cost.shape[-2:], np.broadcast_shapes(cost.shape[:-2], valid.shape[:-1])
+  flat = np.broadcast_to(cost, (*batch, q, t)).reshape(-1, q, t)
+  flat_valid = np.broadcast_to(valid, (*batch, t)).reshape(-1, t)
+  rows = np.empty((flat.shape[0], min(q, t)), np.int32)
+  cols = np.empty_like(rows)
+  for n, (matrix, is_valid) in enumerate(zip(flat, flat_valid)):
+    valid_cols, padded_cols = np.flatnonzero(is_valid), np.flatnonzero(~is_valid)
+    sub = matrix[:, valid_cols]
+    finite = np.isfinite(sub)
+    if not finite.all():  # A NaN or inf cost must not stop the program: it is matched last.
+      sub = np.where(finite, sub, sub[finite].max(initial=0.0) + 1.0)
+    r, c = scipy.optimize.linear_sum_assignment(sub)
+    free_rows = np.setdiff1d(np.arange(q), r)[: min(q, t) - len(r)]
+    rows[n] = np.concatenate([r, free_rows])
+    cols[n] = np.concatenate([valid_cols[c], padded_cols[: len(free_rows)]])
+  return rows.reshape(*batch, -1), cols.reshape(*batch, -1)
+
+
+def _assignment(
+  cost: jax.Array, target_valid: jax.Array, solver: str
+) -> tuple[jax.Array, jax.Array]:
+  """Minimum-cost ``(rows, cols)`` pairs, ``[min(Q, T)]`` each, of a padded ``[Q, T]`` cost."""
+  if resolve_solver(solver) == "optax":
+    return optax.assignment.hungarian_algorithm(cost)
+  pairs = jax.ShapeDtypeStruct((min(cost.shape),), jnp.int32)
+  return jax.pure_callback(
+    _scipy_assignment, (pairs, pairs), cost, target_valid, vmap_method="expand_dims"
+  )
+
+
+def hungarian_match(
+  cost: jax.Array, target_valid: jax.Array, *, solver: str = "auto"
+) -> tuple[jax.Array, jax.Array]:
   """Minimum-cost one-to-one matching of targets to queries (METHODS.md M4 step 4).
 
-  Runs `optax.assignment.hungarian_algorithm` on the `[Q, T]` cost after giving padded
-  targets a cost above all valid ones (`pad_target_costs`). With `Q >= T` every target is
-  assigned a distinct query and the valid ones get an optimal assignment of the valid
-  sub-problem. With `Q < T` only `Q` targets are matched (valid ones first); the rest are
-  reported unmatched. No gradient flows through the matching.
+  Solves the assignment on the `[Q, T]` cost after giving padded targets a cost above all
+  valid ones (`pad_target_costs`). With `Q >= T` every target is assigned a distinct query
+  and the valid ones get an optimal assignment of the valid sub-problem. With `Q < T` only `Q`
+  targets are matched (valid ones first); the rest are reported unmatched. No gradient flows
+  through the matching. Both solvers work under `jax.jit` and `jax.vmap` and reach the same
+  (minimum) assignment cost; with ties they may pick different optimal assignments.
 
   Args:
     cost: `[Q, T]` matching cost.
     target_valid: `[T]` bool, False for padding.
+    solver: `'optax'` (`optax.assignment.hungarian_algorithm`, in the graph), `'scipy'`
+      (`scipy.optimize.linear_sum_assignment` through `jax.pure_callback`) or `'auto'`
+      (scipy on CPU, optax elsewhere; see `resolve_solver`).
 
   Returns:
     `query_index_for_target` `[T]` int32 (0 where unmatched) and `matched_mask` `[T]` bool
@@ -177,7 +254,7 @@ def hungarian_match(cost: jax.Array, target_valid: jax.Array) -> tuple[jax.Array
   """
   cost = pad_target_costs(jax.lax.stop_gradient(cost), target_valid)
   num_targets = cost.shape[1]
-  rows, cols = optax.assignment.hungarian_algorithm(cost)
+  rows, cols = _assignment(cost, target_valid, solver)
   query_index_for_target = jnp.zeros(num_targets, jnp.int32).at[cols].set(rows)
   assigned = jnp.zeros(num_targets, bool).at[cols].set(True)
   return query_index_for_target, assigned & target_valid
@@ -193,6 +270,7 @@ def match_targets(
   w_class: float = 2.0,
   w_bce: float = 5.0,
   w_dice: float = 5.0,
+  solver: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """`hungarian_match(matching_cost(...))` for one image; `jax.vmap` it for a batch.
 
@@ -205,6 +283,7 @@ def match_targets(
     w_class: weight of the class cost.
     w_bce: weight of the sigmoid BCE cost.
     w_dice: weight of the dice cost.
+    solver: Hungarian solver, one of `SOLVERS` (see `hungarian_match`).
 
   Returns:
     `query_index_for_target` `[T]` int32 and `matched_mask` `[T]` bool.
@@ -219,7 +298,7 @@ def match_targets(
     w_bce=w_bce,
     w_dice=w_dice,
   )
-  return hungarian_match(cost, target_valid)
+  return hungarian_match(cost, target_valid, solver=solver)
 
 
 def query_class_targets(
@@ -338,6 +417,7 @@ def set_criterion_loss(
   w_bce: float = 5.0,
   w_dice: float = 5.0,
   no_object_weight: float = 0.1,
+  solver: str = "auto",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mask2Former's SetCriterion with deep supervision (METHODS.md M4 steps 4 and 5).
 
@@ -356,6 +436,7 @@ def set_criterion_loss(
     w_bce: weight of the mask BCE loss and cost.
     w_dice: weight of the dice loss and cost.
     no_object_weight: weight of the no-object class in the classification loss.
+    solver: Hungarian solver, one of `SOLVERS` (see `hungarian_match`).
 
   Returns:
     `(loss, metrics)`: the total loss over layers, and the unweighted final-layer terms
@@ -363,7 +444,9 @@ def set_criterion_loss(
     and `loss`.
   """
   _check_non_negative(w_class=w_class, w_bce=w_bce, w_dice=w_dice)
-  match_image = functools.partial(match_targets, w_class=w_class, w_bce=w_bce, w_dice=w_dice)
+  match_image = functools.partial(
+    match_targets, w_class=w_class, w_bce=w_bce, w_dice=w_dice, solver=resolve_solver(solver)
+  )
   classes_for_queries = functools.partial(
     query_class_targets,
     num_queries=class_logits.shape[-2],

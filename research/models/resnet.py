@@ -2,7 +2,7 @@
 
 Basic residual blocks (He et al. 2016) with GroupNorm, so that a step function needs no batch
 statistics and results do not depend on how a batch is split across devices. Convolutions are
-`research.models.conv.Conv`: `nn.Conv` with a faster weight gradient on CPU. Depth and width
+`research.models.conv.Conv`: `nn.Conv` with faster gradients on CPU. Depth and width
 are configurable: `stage_sizes=(2, 2, 2)` and `widths=(16, 32, 64)` is a CIFAR-style
 ResNet-20; (5, 5, 5) is ResNet-32.
 """

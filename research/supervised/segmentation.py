@@ -2,26 +2,39 @@
 
 Trains the small `Segmenter` on the training domains and reports mIoU and pixel accuracy on
 held-out images of those domains and on a held-out domain, against a per-position class prior
-(the most frequent training class at each pixel position).
+(the most frequent training class at each pixel position). The pattern is that of
+`research.supervised.classification`: validate, `fit`, `predict`, `Results`, and `report.md`
+from the results alone (`write_report`). The overlay panels (a few images, their labels and
+predictions) are arrays rather than numbers: they are saved beside `results.json` in
+`plot_arrays.npz` (`study.results.save_arrays` / `load_arrays`).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
 from research import config_checks
-from research.data import catalogue, embedded, samplers, street_scenes
+from research.data import samplers, street_scenes
+from research.data.segmentation import load_segmentation_data
 from research.metrics import segmentation as seg_metrics
+from research.metrics.classification import confusion_matrix
 from research.models.resnet import Segmenter
-from research.training import harness, loop, parallel, report, state, steps
+from research.study import figures, tables
+from research.study.results import Results, load_arrays, save_arrays
+from research.supervised import common
+from research.training import fit, predict, steps
+from research.training.settings import TrainSettings
+
+EXPERIMENT = "supervised_segmentation"
+ARM = "segmenter"
+PRIOR_ARM = "position_prior"
+OVERLAY_IMAGES = 4
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
+def validate(config: ml_collections.ConfigDict) -> TrainSettings:
   """Fails at once, naming the field, on any value the experiment cannot use."""
   config_checks.check_choice(config, "data.name", ("street_scenes", "cityscapes"))
   if config.data.name == "street_scenes":
@@ -34,40 +47,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{street_scenes.DOMAINS}"
         )
     config_checks.check_int(config, "data.image_size", 16)
-  config_checks.check_int(config, "train.steps", 1)
-  config_checks.check_int(config, "train.batch_size", 1)
-  config_checks.check_int(config, "train.eval_batch_size", 1)
-
-
-def load_segmentation_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """{"train", "test": {domain: arrays}, "num_classes", "class_names"} for `config.data`."""
-  d = config.data
-  if d.name == "cityscapes":
-    train, num_classes = catalogue.load("cityscapes", "train", d.data_dir or None)
-    test, _ = catalogue.load("cityscapes", "validation", d.data_dir or None)
-    return {
-      "train": embedded.to_arrays(train),
-      "test": {"validation": embedded.to_arrays(test)},
-      "num_classes": num_classes,
-      "class_names": catalogue.CITYSCAPES_CLASS_NAMES,
-    }
-  kwargs = dict(
-    image_size=d.image_size,
-    train_per_domain=d.train_per_domain,
-    test_per_domain=d.test_per_domain,
-    data_dir=d.data_dir or None,
-  )
-  train = embedded.street_arrays(tuple(d.train_domains), "train", **kwargs)
-  test = {
-    dom: embedded.street_arrays((dom,), "test", **kwargs)
-    for dom in tuple(d.train_domains) + tuple(d.heldout_domains)
-  }
-  return {
-    "train": train,
-    "test": test,
-    "num_classes": street_scenes.NUM_CLASSES,
-    "class_names": street_scenes.CLASS_NAMES,
-  }
+  return TrainSettings.from_config(config)
 
 
 def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> Segmenter:
@@ -77,132 +57,155 @@ def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> Segm
 
 
 def train_segmenter(
-  config: ml_collections.ConfigDict, run: harness.Run, data: dict[str, Any], *, name: str = "train"
-) -> tuple[Segmenter, Any]:
-  """Trains the segmenter; resumes from `<workdir>/<name>_checkpoints`. Returns (model, params)."""
-  model = build_segmenter(config, data["num_classes"])
-  parallel.check_batch_divisible(config.train.batch_size, run.mesh, "train.batch_size")
-  rng = jax.random.key(config.seed)
-  params = harness.init_params(model, rng, data["train"]["image"][0])
-  tx = state.make_optimizer(config.optim, config.train.steps)
-  train_state = parallel.replicate(state.create_train_state(params, tx), run.mesh)
-  checkpointer = run.checkpointer(f"{name}_checkpoints")
-  train_state, _ = loop.restore_or_init(checkpointer, train_state)
-  step = parallel.compile_train_step(
-    functools.partial(
-      steps.train_step, loss_fn=functools.partial(steps.segmentation_loss, model=model), tx=tx
-    ),
-    run.mesh,
+  config: ml_collections.ConfigDict,
+  run: fit.Run,
+  train: dict[str, np.ndarray],
+  num_classes: int,
+  *,
+  name: str = "train",
+) -> tuple[Segmenter, fit.FitResult]:
+  """Trains the segmenter on `train` ({"image": [N, H, W, 3], "semantic": [N, H, W]}).
+
+  Resumes from `<workdir>/<name>_checkpoints`.
+
+  Returns:
+    (model, the phase's `FitResult`).
+  """
+  model = build_segmenter(config, num_classes)
+  sampler = samplers.RandomSampler(len(train["image"]), config.train.batch_size, config.seed)
+  result = common.fit_supervised(
+    config, run, model, steps.segmentation_loss, train, sampler, ("image", "semantic"), name=name
   )
-  sampler = samplers.RandomSampler(
-    len(data["train"]["image"]), config.train.batch_size, config.seed
-  )
-  batch_fn = harness.sampled_batch_fn(data["train"], sampler, run.mesh, ("image", "semantic"))
-  train_state = loop.train_loop(
-    train_state,
-    step,
-    batch_fn,
-    jax.random.fold_in(rng, 1),
-    num_steps=config.train.steps,
-    checkpointer=checkpointer,
-    checkpoint_every=config.train.checkpoint_every,
-    log_every=config.train.log_every,
-    writer=run.writer,
-    examples_per_step=config.train.batch_size,
-    name=name,
-  )
-  checkpointer.close()
-  return model, train_state.params
+  return model, result
 
 
 def evaluate_segmenter(
-  model: Segmenter, params: Any, arrays: dict, num_classes: int, batch_size: int, run: harness.Run
-) -> np.ndarray:
-  """[K, K] confusion counts of the segmenter on a split."""
-  parallel.check_batch_divisible(batch_size, run.mesh, "train.eval_batch_size")
-  eval_step = parallel.compile_eval_step(
-    functools.partial(steps.segmentation_eval_step, model=model, num_classes=num_classes)
+  model: Segmenter, params: Any, arrays: dict, num_classes: int, batch_size: int, run: fit.Run
+) -> predict.Predictions:
+  """Confusion counts (`totals`, [K, K]) and label maps (`per_example`, [N, H, W]) of a split."""
+  return common.predict_confusion(
+    steps.segmentation_eval_step,
+    model,
+    params,
+    arrays,
+    num_classes,
+    batch_size,
+    run,
+    ("image", "semantic"),
+    ("predictions",),
   )
-  return harness.evaluate(eval_step, params, arrays, batch_size, run.mesh, ("image", "semantic"))[
-    "confusion"
-  ]
 
 
 def position_prior_confusion(
   train_semantic: np.ndarray, test_semantic: np.ndarray, num_classes: int
 ) -> np.ndarray:
   """Confusion of the baseline that predicts, at each pixel position, its most frequent class."""
-  from research.metrics.classification import confusion_matrix
-
   counts = np.stack([(train_semantic == c).sum(0) for c in range(num_classes)])
   prior = np.argmax(counts, 0)
   return confusion_matrix(test_semantic, np.broadcast_to(prior, test_semantic.shape), num_classes)
 
 
+def iou_metrics(confusion: np.ndarray, class_names: list[str]) -> dict[str, float]:
+  """mIoU, pixel accuracy and `iou/<class>` of a [K, K] confusion matrix."""
+  iou = seg_metrics.per_class_iou(confusion)
+  return {
+    **seg_metrics.segmentation_summary(confusion),
+    **{f"iou/{n}": v for n, v in zip(class_names, iou)},
+  }
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the baseline segmenter and evaluates it per test domain; writes the report."""
-  validate(config)
-  run = harness.start_run(workdir)
+  train = validate(config)
+  run = fit.start_run(workdir, config)
   data = load_segmentation_data(config)
-  k = data["num_classes"]
-  model, params = train_segmenter(config, run, data)
-  rows, per_domain = [], {}
+  k, names = data["num_classes"], list(data["class_names"])
+  model, trained = train_segmenter(config, run, data["train"], k)
+  results = Results(EXPERIMENT, meta={"dataset": config.data.name, "class_names": names})
+  first = next(iter(data["test"]))
   for domain, arrays in data["test"].items():
-    confusion = evaluate_segmenter(model, params, arrays, k, config.train.eval_batch_size, run)
+    out = evaluate_segmenter(model, trained.params, arrays, k, train.eval_batch_size, run)
+    metrics = iou_metrics(out["confusion"], names)
+    summary = {m: metrics[m] for m in ("miou", "pixel_accuracy")}
+    run.writer.write(train.steps, summary, phase=f"test_{domain}")
+    results.add(ARM, config.seed, metrics, split=domain)
     prior = position_prior_confusion(data["train"]["semantic"], arrays["semantic"], k)
-    summary = seg_metrics.segmentation_summary(confusion)
-    per_domain[domain] = {
-      **summary,
-      "prior_miou": seg_metrics.segmentation_summary(prior)["miou"],
-      "iou": seg_metrics.per_class_iou(confusion),
-    }
-    run.writer.write(config.train.steps, summary, phase=f"test_{domain}")
-    rows.append(
-      [domain, summary["miou"], summary["pixel_accuracy"], per_domain[domain]["prior_miou"]]
-    )
-  names = data["class_names"]
-  report.plot_bars(
-    {d: v["iou"] for d, v in per_domain.items()}, names, "IoU", run.plot_path("per_class_iou.png")
+    results.add(PRIOR_ARM, config.seed, seg_metrics.segmentation_summary(prior), split=domain)
+    if domain == first:
+      shown = slice(0, OVERLAY_IMAGES)
+      save_arrays(
+        workdir,
+        {
+          "image": arrays["image"][shown],
+          "semantic": arrays["semantic"][shown],
+          "prediction": out["predictions"][shown],
+        },
+      )
+  results.meta["time_s"] = run.elapsed()
+  results.save(workdir)
+  return write_report(results, workdir)
+
+
+def write_report(results: Results, workdir: str) -> dict:
+  """`report.md`, plots and `summary.json` from the saved results alone; returns the summary."""
+  names = results.meta["class_names"]
+  (seed,) = results.seeds()
+  domains = list(dict.fromkeys(r.split for r in results.select(arm=ARM)))
+
+  def value(arm: str, domain: str, metric: str) -> float:
+    return results.per_seed(arm, metric, domain)[seed]
+
+  iou = {d: [value(ARM, d, f"iou/{n}") for n in names] for d in domains}
+  rows = [
+    [d, value(ARM, d, "miou"), value(ARM, d, "pixel_accuracy"), value(PRIOR_ARM, d, "miou")]
+    for d in domains
+  ]
+  figures.plot_bars(iou, names, "IoU", tables.plot_path(workdir, "per_class_iou.png"))
+  panels = load_arrays(workdir)
+  figures.plot_segmentation_rows(
+    [
+      (f"image {i}", [panels["image"][i], panels["semantic"][i], panels["prediction"][i]])
+      for i in range(len(panels["image"]))
+    ],
+    len(names),
+    tables.plot_path(workdir, "overlays.png"),
   )
-  first = next(iter(data["test"].values()))
-  preds = _predict(model, params, first["image"][:4])
-  report.plot_segmentation_rows(
-    [(f"image {i}", [first["image"][i], first["semantic"][i], preds[i]]) for i in range(4)],
-    k,
-    run.plot_path("overlays.png"),
-  )
-  report.write_report(
-    run.workdir,
-    f"Supervised segmentation on {config.data.name}",
+  tables.write_report(
+    workdir,
+    f"Supervised segmentation on {results.meta['dataset']}",
     [
       (
         "Test metrics per domain",
-        report.markdown_table(["domain", "mIoU", "pixel accuracy", "position-prior mIoU"], rows),
+        tables.markdown_table(["domain", "mIoU", "pixel accuracy", "position-prior mIoU"], rows),
       ),
       (
         "Per-class IoU",
-        report.markdown_table(
-          ["class"] + list(per_domain),
-          [[n] + [v["iou"][i] for v in per_domain.values()] for i, n in enumerate(names)],
+        tables.markdown_table(
+          ["class"] + domains, [[n] + [iou[d][i] for d in domains] for i, n in enumerate(names)]
         ),
       ),
       ("Plots", "![iou](plots/per_class_iou.png)\n\n![overlays](plots/overlays.png)"),
     ],
   )
-  mean_miou = float(np.mean([v["miou"] for v in per_domain.values()]))
-  mean_prior = float(np.mean([v["prior_miou"] for v in per_domain.values()]))
   out = {
-    "experiment": "supervised_segmentation",
-    "time_s": run.elapsed(),
-    "metrics": {d: {k2: v2 for k2, v2 in v.items() if k2 != "iou"} for d, v in per_domain.items()},
+    "experiment": EXPERIMENT,
+    "time_s": results.meta["time_s"],
+    "metrics": {
+      d: {
+        "miou": value(ARM, d, "miou"),
+        "pixel_accuracy": value(ARM, d, "pixel_accuracy"),
+        "prior_miou": value(PRIOR_ARM, d, "miou"),
+      }
+      for d in domains
+    },
     "rows": [
-      harness.summary_row("test mIoU (mean over domains)", mean_miou, "position prior", mean_prior)
+      tables.summary_row(
+        "test mIoU (mean over domains)",
+        float(np.mean([r[1] for r in rows])),
+        "position prior",
+        float(np.mean([r[3] for r in rows])),
+      )
     ],
   }
-  harness.write_summary(run.workdir, out)
+  tables.write_summary(workdir, out)
   return out
-
-
-def _predict(model: Segmenter, params: Any, images: np.ndarray) -> np.ndarray:
-  logits = model.apply({"params": params}, steps.images_to_float(images))["logits"]
-  return np.asarray(jax.device_get(logits.argmax(-1)))

@@ -3,11 +3,14 @@
 The loop itself holds no training logic: it calls a compiled `step(state, batch, rng)` with
 batches from `batch_fn(step)`, which must depend only on the step (see `data.samplers`), so
 that a run killed at any moment and restarted resumes from its newest checkpoint and ends with
-the same parameters as an uninterrupted run.
+the same parameters as an uninterrupted run. A stop hook `should_stop(step, metrics, state)`
+ends a phase early (e.g. M5's convergence rule); the reason is saved with the checkpoint of
+that step, so a rerun does not train further. `fit.fit` wraps this loop for one phase.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +24,31 @@ from research.training.progress import MetricWriter, Progress
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the run stopped with its last good checkpoint kept."""
+  """The loss, a gradient or an updated parameter became NaN or infinite (`steps.all_finite`).
+
+  The run stopped with its last good checkpoint kept.
+  """
+
+
+STOP_REASON = "stop_reason"
+STEP_LIMIT = "step_limit"
+
+StopHook = Callable[[int, dict[str, float], Any], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopEnd:
+  """How a training loop ended.
+
+  Attributes:
+    state: the final state (the one of the stopping step when a hook stopped it).
+    steps: updates applied in all (including those before a resume).
+    stop_reason: `step_limit`, or the string the stop hook returned.
+  """
+
+  state: Any
+  steps: int
+  stop_reason: str
 
 
 def restore_or_init(checkpointer: Checkpointer, state: Any) -> tuple[Any, dict]:
@@ -43,7 +70,7 @@ def _check_finite(state: Any, checkpointer: Checkpointer | None) -> None:
     kept = checkpointer.all_steps() if checkpointer else []
     where = f"the last good checkpoint is step {kept[-1]}" if kept else "no checkpoint was kept"
     raise NonFiniteLossError(
-      f"the loss became non-finite at step {bad}; the run stopped and {where}"
+      f"the loss or gradients became non-finite at step {bad}; the run stopped and {where}"
     )
 
 
@@ -62,7 +89,8 @@ def train_loop(
   name: str = "train",
   extras_fn: Callable[[], dict] | None = None,
   on_step_end: Callable[[int], None] | None = None,
-) -> Any:
+  should_stop: StopHook | None = None,
+) -> LoopEnd:
   """Runs `step_fn` from `state.step` up to `num_steps`.
 
   Args:
@@ -79,9 +107,12 @@ def train_loop(
     name: tag of the metrics and progress lines.
     extras_fn: host-side JSON extras saved with each checkpoint.
     on_step_end: called with the completed step count (fault injection in tests, hooks).
+    should_stop: called at every log point with (steps done, the interval's mean metrics, the
+      state); a returned string stops the loop there, and that step is checkpointed with the
+      reason in its extras (`STOP_REASON`).
 
   Returns:
-    the final state.
+    the `LoopEnd`.
 
   Raises:
     NonFiniteLossError: when a loss was not finite; no checkpoint after it is written.
@@ -89,6 +120,7 @@ def train_loop(
   start = int(jax.device_get(state.step))
   progress = Progress(num_steps, start, examples_per_step, name)
   history: list[dict] = []
+  stop_reason = STEP_LIMIT
   for step in range(start, num_steps):
     state, metrics = step_fn(state, batch_fn(step), rng)
     history.append(metrics)
@@ -103,15 +135,26 @@ def train_loop(
     )
     if at_log or at_checkpoint:
       _check_finite(state, checkpointer)
+    reason = None
     if at_log and history:
+      mean_metrics = _mean_metrics(history)
       if writer is not None:
-        writer.write(done, _mean_metrics(history), phase=name)
+        writer.write(done, mean_metrics, phase=name)
       progress.log(done)
       history = []
-    if at_checkpoint:
-      checkpointer.save(done, state, extras_fn() if extras_fn else None)
+      if should_stop is not None:
+        reason = should_stop(done, mean_metrics, state)
+    if checkpointer is not None and (at_checkpoint or reason):
+      extras = dict(extras_fn() if extras_fn else {})
+      if reason:
+        extras[STOP_REASON] = reason
+      checkpointer.save(done, state, extras)
     if on_step_end is not None:
       on_step_end(done)
+    if reason:
+      logging.info("%s: stopped at step %d: %s", name, done, reason)
+      stop_reason = reason
+      break
   if checkpointer is not None:
     checkpointer.wait_until_finished()
-  return state
+  return LoopEnd(state, int(jax.device_get(state.step)), stop_reason)

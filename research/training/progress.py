@@ -1,16 +1,28 @@
-"""Metrics as JSON lines in the workdir, and progress lines with rate and ETA."""
+"""Metrics as JSON lines and TensorBoard scalars in the workdir; progress lines with rate, ETA."""
 
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import logging as pylogging
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+from research.training.tensorboard import EventWriter
+
+_TENSORBOARD_DEFAULT = True
+
+
+def set_tensorboard_default(enabled: bool) -> None:
+  """Turns TensorBoard event files on or off for every `MetricWriter` not told otherwise."""
+  global _TENSORBOARD_DEFAULT
+  _TENSORBOARD_DEFAULT = bool(enabled)
 
 
 def _to_python(value: Any) -> Any:
@@ -24,18 +36,76 @@ def _to_python(value: Any) -> Any:
   return arr.tolist()
 
 
-class MetricWriter:
-  """Appends one JSON object per call to `<workdir>/<name>.jsonl`."""
+def _scalars(metrics: Mapping[str, Any], prefix: str) -> dict[str, float]:
+  """`{prefix/name: value}` for the numbers in `metrics` (nested dicts joined with `/`)."""
+  out = {}
+  for name, value in metrics.items():
+    if isinstance(value, Mapping):
+      out.update(_scalars(value, f"{prefix}{name}/"))
+    elif isinstance(value, int | float):
+      out[f"{prefix}{name}"] = float(value)
+  return out
 
-  def __init__(self, workdir: str, name: str = "metrics"):
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, f"{name}.jsonl")
+
+class MetricWriter:
+  """Appends one JSON object per call to `<workdir>/<name>.jsonl`, and TensorBoard scalars.
+
+  The scalars go to event files in `<workdir>/tb/` (several writers, phases or resumed runs
+  in one workdir share the folder; see `research.training.tensorboard`).
+
+  Args:
+    workdir: the run's output directory.
+    name: the JSON-lines file's name without `.jsonl`.
+    tensorboard: write TensorBoard event files too; None: the module default
+      (`set_tensorboard_default`, on unless turned off).
+    primary: False on every process but the first of a multi-host run, which then writes
+      nothing (each host would otherwise write every line again).
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    name: str = "metrics",
+    tensorboard: bool | None = None,
+    primary: bool = True,
+  ):
+    self.path = os.path.join(workdir, f"{name}.jsonl") if primary else None
+    use_tb = primary and (_TENSORBOARD_DEFAULT if tensorboard is None else tensorboard)
+    self.events = EventWriter(os.path.join(workdir, "tb")) if use_tb else None
+    if primary:
+      os.makedirs(workdir, exist_ok=True)
 
   def write(self, step: int, metrics: dict[str, Any], **tags: Any) -> None:
-    """Writes `{"step": step, **tags, **metrics}` as one line."""
-    record = {"step": int(step), **tags, **_to_python(metrics)}
+    """Writes `{"step": step, **tags, **metrics}` as one line, and the numbers as scalars.
+
+    A scalar's TensorBoard tag is the tags' values then the metric's name, joined with `/`
+    (`train/loss` for `write(step, {"loss": ...}, phase="train")`); lists are left out of
+    TensorBoard (they stay in the JSON line).
+    """
+    if self.path is None:
+      return
+    values = _to_python(metrics)
+    record = {"step": int(step), **tags, **values}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self.events is not None:
+      prefix = "".join(f"{v}/" for v in tags.values())
+      self.events.scalars(step, _scalars(values, prefix))
+
+  def write_image(self, tag: str, png_path: str, step: int) -> None:
+    """Adds the PNG file at `png_path` to TensorBoard as the image `tag` (no-op when off)."""
+    if self.events is not None:
+      self.events.image(tag, png_path, step)
+
+  def write_images(self, directory: str, step: int) -> None:
+    """Adds every `*.png` in `directory` (the run's `plots/`) as the image `plots/<stem>`."""
+    for path in sorted(glob.glob(os.path.join(directory, "*.png"))):
+      self.write_image(f"plots/{os.path.splitext(os.path.basename(path))[0]}", path, step)
+
+  def close(self) -> None:
+    """Closes the event file (every write is already on disk; JSON lines need no closing)."""
+    if self.events is not None:
+      self.events.close()
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
@@ -47,21 +117,37 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 class Progress:
   """Logs `step i/N (p%) r steps/s, ETA h:mm:ss` lines, with an optional examples/s rate.
 
+  The same lines serve long evaluations: `Progress(num_batches, name="eval test",
+  examples_per_step=batch_size, unit="batch")` and `maybe_log(b + 1)` after each batch log
+  `eval test batch 3/40 (8%) 1.52 batches/s, 97 examples/s, ETA 0:00:24` every
+  `log_every_s` seconds, and nothing for an evaluation shorter than that.
+
   Args:
     total_steps: N.
     start_step: the step the run (re)starts from; the rate counts only steps run here.
     examples_per_step: batch size, to report examples/s.
     name: prefix of each line.
+    unit: what a step is called in the line (`step`, `batch`).
+    log_every_s: the interval of `maybe_log`, in seconds.
   """
 
   def __init__(
-    self, total_steps: int, start_step: int = 0, examples_per_step: int = 0, name: str = "train"
+    self,
+    total_steps: int,
+    start_step: int = 0,
+    examples_per_step: int = 0,
+    name: str = "train",
+    unit: str = "step",
+    log_every_s: float = 10.0,
   ):
     self.total_steps = total_steps
     self.start_step = start_step
     self.examples_per_step = examples_per_step
     self.name = name
+    self.unit = unit
+    self.log_every_s = log_every_s
     self._start_time = time.perf_counter()
+    self._last_line: float | None = None
 
   def elapsed(self) -> float:
     """Seconds since the clock (re)started."""
@@ -79,9 +165,10 @@ class Progress:
     rate = done / elapsed
     remaining = (self.total_steps - step) / rate if rate > 0 else float("inf")
     eta = str(datetime.timedelta(seconds=int(remaining))) if np.isfinite(remaining) else "?"
+    units = f"{self.unit}es" if self.unit.endswith(("s", "sh", "ch", "x")) else f"{self.unit}s"
     text = (
-      f"{self.name} step {step}/{self.total_steps} "
-      f"({100.0 * step / max(self.total_steps, 1):.0f}%) {rate:.2f} steps/s"
+      f"{self.name} {self.unit} {step}/{self.total_steps} "
+      f"({100.0 * step / max(self.total_steps, 1):.0f}%) {rate:.2f} {units}/s"
     )
     if self.examples_per_step:
       text += f", {rate * self.examples_per_step:.0f} examples/s"
@@ -90,6 +177,17 @@ class Progress:
   def log(self, step: int) -> None:
     """Logs the progress line at INFO level."""
     logging.info("%s", self.line(step))
+    self._last_line = time.perf_counter()
+
+  def maybe_log(self, step: int) -> None:
+    """Logs the line when `log_every_s` passed since the last one (or since the start).
+
+    The last step is logged too once any line was, so a long loop's lines end at 100 %.
+    """
+    since = self._start_time if self._last_line is None else self._last_line
+    due = time.perf_counter() - since >= self.log_every_s
+    if due or (step >= self.total_steps and self._last_line is not None):
+      self.log(step)
 
 
 class _DropLibraryRecords(pylogging.Filter):

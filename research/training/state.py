@@ -20,7 +20,8 @@ class TrainState:
     step: int32 scalar, the number of updates applied.
     params: model parameters.
     opt_state: optimizer state.
-    nonfinite_step: int32 scalar, the first step whose loss was not finite (-1 if none).
+    nonfinite_step: int32 scalar, the first step whose loss, gradients or updated parameters
+      were not finite (-1 if none).
   """
 
   step: jnp.ndarray

@@ -28,6 +28,12 @@ def images_to_float(images: jnp.ndarray) -> jnp.ndarray:
   return images.astype(jnp.float32)
 
 
+def all_finite(tree: Any) -> jnp.ndarray:
+  """Bool scalar: every element of every array in `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def train_step(
   state: TrainState,
   batch: dict,
@@ -38,8 +44,11 @@ def train_step(
 ) -> tuple[TrainState, dict]:
   """One gradient update of `loss_fn(params, batch, rng) -> (loss, metrics)`.
 
-  A non-finite loss is recorded in `state.nonfinite_step` (first bad step), which the host
-  reads at log and checkpoint time; the loop then stops and keeps the last good checkpoint.
+  A step whose loss, gradients or updated parameters are not all finite (NaN or infinite) is
+  recorded in `state.nonfinite_step` (first bad step), which the host reads at log and
+  checkpoint time; the loop then stops and keeps the last good checkpoint. Checking the
+  gradients and parameters too (as big_vision does) catches a finite loss with a NaN gradient,
+  which would otherwise write NaN parameters into the next checkpoint.
 
   Returns:
     (new state, metrics dict of scalars including `loss` and `grad_norm`).
@@ -48,7 +57,8 @@ def train_step(
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  first_bad = (state.nonfinite_step < 0) & ~jnp.isfinite(loss)
+  finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
+  first_bad = (state.nonfinite_step < 0) & ~finite
   new_state = TrainState(
     step=state.step + 1,
     params=params,

@@ -45,6 +45,7 @@ from jax.sharding import PartitionSpec as P
 AXIS_NAME = "devices"
 WEIGHT_MODES = ("uniform", "success")
 NORMS = ("linf", "l2")
+CORRECT_PIXELS = ("all", "partner")
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -113,6 +114,12 @@ class AttackConfig:
     w_c: loss weight on the other (correctly labelled) pixels, >= 0.
     rho: fraction of ``src`` pixels that are targeted, in (0, 1] (METHODS.md option).
     ignore_label: label value excluded from the loss and never targeted.
+    eps_round: control factor of the random term *inside* every round (patent claim 5's
+      second formula, ``r_i = Clip_xi(r_{i-1} - alpha sign(grad) + eps r_random)``), >= 0;
+      0 disables it. A fresh ``N(0, 1)`` draw per round and sample (``round_keys``).
+    correct_pixels: which non-targeted pixels keep their correct label in ``L_adv``
+      (``CORRECT_PIXELS``): ``'all'`` (claim 1) or ``'partner'`` (the dependent claim: only
+      pixels of a pair's ``tgt`` class; all others get weight 0).
   """
 
   rounds: int = 10
@@ -123,8 +130,12 @@ class AttackConfig:
   w_c: float = 1.0
   rho: float = 1.0
   ignore_label: int = 255
+  eps_round: float = 0.0
+  correct_pixels: str = "all"
 
   def __post_init__(self):
+    _check_non_negative("eps_round", self.eps_round)
+    _check_choice("correct_pixels", self.correct_pixels, CORRECT_PIXELS)
     _check_rounds(self.rounds)
     _check_unit_interval("alpha", self.alpha)
     _check_unit_interval("xi", self.xi)
@@ -218,12 +229,21 @@ def partial_targeted_labels(
   pairs: jax.Array,
   rho: float = 1.0,
   ignore_label: int = 255,
+  *,
+  correct_pixels: str = "all",
 ) -> tuple[jax.Array, jax.Array]:
   """Gives the pixels of each ``src`` class the wrong label ``tgt`` (METHODS.md M1 step 1).
 
   Patent: "训练时每个所述第一训练样本中的一部分像素采用错误分类标签，另一部分像素采用正确分类
   标签" — part of the pixels take a wrong label, the rest keep the correct one. The ``rho``
   option (target a random fraction of the ``src`` pixels) is the METHODS.md option.
+
+  ``correct_pixels='partner'`` is the dependent claim ("所述一部分像素和所述另一部分像素属于
+  指定的易混淆类别"): the correctly labelled pixels are only those whose true class is a
+  pair's ``tgt``; every other non-targeted pixel (including ``src`` pixels left untargeted
+  when ``rho < 1``) gets ``ignore_label``, i.e. weight 0 in ``L_adv``. (Its per-sample mean
+  then divides by the pair pixels only: a positive per-sample factor, so ``sign(∇)`` and hence
+  the attack equal those of weight 0 under the all-pixel mean.)
 
   Args:
     rng: PRNG key for the Bernoulli(rho) draw per pixel; unused (may be None) when rho == 1.
@@ -232,11 +252,13 @@ def partial_targeted_labels(
       (see ``resolve_confusable_pairs``).
     rho: static fraction in (0, 1] of ``src`` pixels that are targeted.
     ignore_label: static label value to leave untouched.
+    correct_pixels: static, one of ``CORRECT_PIXELS`` (``'all'`` default).
 
   Returns:
     ``mixed_labels [B, H, W]`` (``tgt`` on targeted pixels, the true label elsewhere) and
     ``targeted_mask [B, H, W]`` bool.
   """
+  _check_choice("correct_pixels", correct_pixels, CORRECT_PIXELS)
   rho = _check_unit_interval("rho", rho)
   pairs = jnp.asarray(pairs, dtype=jnp.int32)
   matches = labels[..., None] == pairs[:, 0]  # [B, H, W, P]; at most one True per pixel
@@ -244,7 +266,11 @@ def partial_targeted_labels(
   if rho < 1.0:
     targeted &= jax.random.bernoulli(rng, rho, labels.shape)
   tgt = jnp.sum(jnp.where(matches, pairs[:, 1], 0), axis=-1).astype(labels.dtype)
-  return jnp.where(targeted, tgt, labels), targeted
+  kept = labels
+  if correct_pixels == "partner":
+    partner = jnp.any(labels[..., None] == pairs[:, 1], axis=-1)
+    kept = jnp.where(partner, labels, jnp.asarray(ignore_label, labels.dtype))
+  return jnp.where(targeted, tgt, kept), targeted
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,11 +444,14 @@ def fgsm_round(
   w_t: float = 1.0,
   w_c: float = 1.0,
   ignore_label: int = 255,
+  noise: jax.Array | None = None,
 ) -> jax.Array:
-  """One round ``r_i = Clip_xi(r_{i-1} - alpha * sign(∇_x L_adv(x + r_{i-1})))``.
+  """One round ``r_i = Clip_xi(r_{i-1} - alpha * sign(∇_x L_adv(x + r_{i-1})) [+ noise])``.
 
   METHODS.md M1 step 3. The step *descends* ``L_adv`` on the mixed labels, so targeted pixels
-  move toward ``tgt`` while the other pixels keep their correct class.
+  move toward ``tgt`` while the other pixels keep their correct class. ``noise`` (optional,
+  ``[B, H, W, C]``) is claim 5's in-round random term ``eps * r_random``, added before the
+  clip (``round_noise``).
 
   Args:
     logits_fn: ``images [B, H, W, C] -> logits [B, H, W, K]``.
@@ -435,6 +464,7 @@ def fgsm_round(
     w_t: static loss weight of targeted pixels.
     w_c: static loss weight of the other pixels.
     ignore_label: static ignored label.
+    noise: optional ``[B, H, W, C]`` in-round random term (already scaled by ``eps``).
 
   Returns:
     ``[B, H, W, C]`` perturbation of round i.
@@ -443,7 +473,32 @@ def fgsm_round(
   grad = adversarial_loss_grad(
     logits_fn, x + r, mixed_labels, targeted_mask, w_t, w_c, ignore_label
   )
-  return clip_perturbation(r - alpha * jnp.sign(grad), x, xi)
+  step = r - alpha * jnp.sign(grad)
+  return clip_perturbation(step if noise is None else step + noise, x, xi)
+
+
+def round_keys(rng: jax.Array, n: int) -> jax.Array:
+  """``[n]`` per-sample keys of claim 5's in-round random term.
+
+  One key per sample, drawn before any device split, so the draws do not depend on the number
+  of devices.
+  """
+  return jax.random.split(jax.random.fold_in(rng, 2), n)
+
+
+def round_noise(keys: jax.Array, i: jax.Array | int, shape: Sequence[int], dtype) -> jax.Array:
+  """Claim 5's ``r_random ~ N(0, 1)`` of round ``i``: a fresh draw per round and sample.
+
+  Args:
+    keys: ``[B]`` per-sample keys (``round_keys``).
+    i: the round index (may be traced).
+    shape: ``[H, W, C]`` of one sample.
+    dtype: float dtype.
+
+  Returns:
+    ``[B, H, W, C]`` standard normal draws; sample b's depends only on ``keys[b]`` and ``i``.
+  """
+  return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), tuple(shape), dtype))(keys)
 
 
 def iterative_fgsm(
@@ -459,8 +514,19 @@ def iterative_fgsm(
   w_t: float = 1.0,
   w_c: float = 1.0,
   ignore_label: int = 255,
+  eps_round: float = 0.0,
+  keys: jax.Array | None = None,
 ) -> jax.Array:
   """Runs ``rounds`` fast-gradient rounds from ``r0`` with ``lax.fori_loop`` (M1 step 3).
+
+  With ``eps_round > 0`` every round adds claim 5's random term ``eps_round * N(0, 1)`` before
+  the clip, a fresh draw per round from ``round_noise(keys, i, ...)``; ``keys`` (``[B]``
+  per-sample keys, ``round_keys``) is then required.
+
+  The rounds stay one compiled loop (no Python between rounds, compile time independent of
+  ``rounds``). With ``research.models.conv.Conv`` models the loop runs as fast as the same
+  rounds unrolled: XLA:CPU used to run the input-gradient convolutions inside a loop on a slow
+  path (issue 18), which ``conv.py`` avoids at the convolution itself.
 
   Args:
     logits_fn: ``images [B, H, W, C] -> logits [B, H, W, K]``.
@@ -474,6 +540,8 @@ def iterative_fgsm(
     w_t: static loss weight of targeted pixels.
     w_c: static loss weight of the other pixels.
     ignore_label: static ignored label.
+    eps_round: static control factor >= 0 of the in-round random term (0: none).
+    keys: ``[B]`` per-sample keys (``round_keys``); needed when ``eps_round > 0``.
 
   Returns:
     ``[B, H, W, C]`` perturbation ``r_rounds``.
@@ -491,7 +559,16 @@ def iterative_fgsm(
     w_c=w_c,
     ignore_label=ignore_label,
   )
-  return lax.fori_loop(0, rounds, lambda _, r: one_round(r), r0)
+  eps_round = _check_non_negative("eps_round", eps_round)
+  if eps_round == 0.0:
+    return lax.fori_loop(0, rounds, lambda _, r: one_round(r), r0)
+  if keys is None:
+    raise ValueError(f"eps_round={eps_round} needs keys: pass round_keys(rng, batch_size)")
+
+  def noisy_round(i, r):
+    return one_round(r, noise=eps_round * round_noise(keys, i, x.shape[1:], x.dtype))
+
+  return lax.fori_loop(0, rounds, noisy_round, r0)
 
 
 def targeted_success(
@@ -533,7 +610,12 @@ def prepare_attack(
   """
   label_key, start_key = jax.random.split(rng)
   mixed_labels, targeted_mask = partial_targeted_labels(
-    label_key, labels, pairs, config.rho, config.ignore_label
+    label_key,
+    labels,
+    pairs,
+    config.rho,
+    config.ignore_label,
+    correct_pixels=config.correct_pixels,
   )
   r0 = random_start(start_key, x, config.eps_r, config.xi)
   return r0, mixed_labels, targeted_mask
@@ -757,42 +839,146 @@ def universal_perturbation_sharded(
   axis = _mesh_axis(mesh)
   n_dev = mesh.devices.size
   n = x.shape[0]
-  r0, mixed_labels, targeted_mask = prepare_attack(rng, x, labels, pairs, config)
-
-  def per_device(params, x, r0, mixed_labels, targeted_mask, valid):
-    logits_fn = functools.partial(apply_fn, params)
-    r = iterative_fgsm(
-      logits_fn,
-      x,
-      r0,
-      mixed_labels,
-      targeted_mask,
-      rounds=config.rounds,
-      alpha=config.alpha,
-      xi=config.xi,
-      w_t=config.w_t,
-      w_c=config.w_c,
-      ignore_label=config.ignore_label,
-    )
-    _, success = targeted_success(logits_fn(x + r), mixed_labels, targeted_mask)
-    weights = sample_weights(success, weight_mode, valid, axis_name=axis)
-    return accumulate_perturbation(r, weights, axis), success, weights
-
+  per_device = functools.partial(
+    attack_device_body, apply_fn=apply_fn, config=config, weight_mode=weight_mode, axis_name=axis
+  )
   sharded = jax.shard_map(
     per_device,
     mesh=mesh,
-    in_specs=(P(), P(axis), P(axis), P(axis), P(axis), P(axis)),
+    in_specs=(P(),) + (P(axis),) * 6,
     out_specs=(P(), P(axis), P(axis)),
   )
-  r_d, success, weights = sharded(
-    params,
+  inputs = _padded_attack_inputs(rng, x, labels, pairs, config, n_dev)
+  r_d, success, weights = sharded(params, *inputs)
+  return DatasetPerturbation(r_d, success[:n], weights[:n])
+
+
+def _padded_attack_inputs(rng, x, labels, pairs, config: AttackConfig, n_dev: int) -> tuple:
+  """The per-sample inputs of ``attack_device_body``, drawn for all N, padded to ``n_dev``."""
+  n = x.shape[0]
+  r0, mixed_labels, targeted_mask = prepare_attack(rng, x, labels, pairs, config)
+  keys = jax.random.key_data(round_keys(rng, n))
+  return (
     _pad_samples(x, n_dev),
     _pad_samples(r0, n_dev),
     _pad_samples(mixed_labels, n_dev, config.ignore_label),
     _pad_samples(targeted_mask, n_dev, False),
     _pad_samples(jnp.ones(n, bool), n_dev, False),
+    _pad_samples(keys, n_dev),
   )
-  return DatasetPerturbation(r_d, success[:n], weights[:n])
+
+
+def attack_device_body(
+  params: Any,
+  x: jax.Array,
+  r0: jax.Array,
+  mixed_labels: jax.Array,
+  targeted_mask: jax.Array,
+  valid: jax.Array,
+  key_data: jax.Array,
+  *,
+  apply_fn: ApplyFn,
+  config: AttackConfig,
+  weight_mode: str,
+  axis_name: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The per-device body of steps 3-4: rounds, success, global weights, ``psum`` of ``r_D``.
+
+  Runs unchanged under ``jax.shard_map`` (``universal_perturbation_sharded``) and ``jax.pmap``
+  (``universal_perturbation_pmap``); ``axis_name`` is the device axis of either.
+
+  Args:
+    params: model parameters (replicated).
+    x: ``[n, H, W, C]`` this device's images in [0, 1].
+    r0: ``[n, H, W, C]`` their initial perturbations.
+    mixed_labels: ``[n, H, W]`` int.
+    targeted_mask: ``[n, H, W]`` bool.
+    valid: ``[n]`` bool, False on padding samples (weight 0).
+    key_data: ``[n, ...]`` uint32 ``jax.random.key_data`` of the per-sample ``round_keys``.
+    apply_fn: static ``apply_fn(params, images) -> logits``.
+    config: static ``AttackConfig`` (``eps_round`` > 0 adds claim 5's in-round term).
+    weight_mode: static, one of ``WEIGHT_MODES``.
+    axis_name: the device axis.
+
+  Returns:
+    ``(r_D [H, W, C] (the same on every device), success [n], weights [n])``.
+  """
+  logits_fn = functools.partial(apply_fn, params)
+  r = iterative_fgsm(
+    logits_fn,
+    x,
+    r0,
+    mixed_labels,
+    targeted_mask,
+    rounds=config.rounds,
+    alpha=config.alpha,
+    xi=config.xi,
+    w_t=config.w_t,
+    w_c=config.w_c,
+    ignore_label=config.ignore_label,
+    eps_round=config.eps_round,
+    keys=jax.random.wrap_key_data(key_data),
+  )
+  _, success = targeted_success(logits_fn(x + r), mixed_labels, targeted_mask)
+  weights = sample_weights(success, weight_mode, valid, axis_name=axis_name)
+  return accumulate_perturbation(r, weights, axis_name), success, weights
+
+
+@functools.lru_cache(maxsize=16)
+def _pmapped_attack(apply_fn: ApplyFn, config: AttackConfig, weight_mode: str) -> Callable:
+  body = functools.partial(
+    attack_device_body,
+    apply_fn=apply_fn,
+    config=config,
+    weight_mode=weight_mode,
+    axis_name=AXIS_NAME,
+  )
+  return jax.pmap(body, axis_name=AXIS_NAME, in_axes=(None,) + (0,) * 6)
+
+
+def universal_perturbation_pmap(
+  apply_fn: ApplyFn,
+  params: Any,
+  rng: jax.Array,
+  x: jax.Array,
+  labels: jax.Array,
+  pairs: jax.Array,
+  *,
+  config: AttackConfig,
+  weight_mode: str = "uniform",
+  num_devices: int | None = None,
+) -> DatasetPerturbation:
+  """``universal_perturbation_sharded`` with ``jax.pmap`` over ``[n_dev, n_local, ...]`` shards.
+
+  The same draws, padding and per-device body (``attack_device_body``); the result equals the
+  ``shard_map`` driver's. One compiled function per ``(apply_fn, config, weight_mode)``.
+
+  Args:
+    apply_fn: ``apply_fn(params, images) -> logits`` (hashable; reuse one per model).
+    params: model parameters.
+    rng: PRNG key.
+    x: ``[N, H, W, C]`` images in [0, 1].
+    labels: ``[N, H, W]`` int true labels.
+    pairs: ``[P, 2]`` int confusable pairs.
+    config: ``AttackConfig``.
+    weight_mode: one of ``WEIGHT_MODES``.
+    num_devices: local devices to use (default: all).
+
+  Returns:
+    ``DatasetPerturbation(r_d [H, W, C], success [N], weights [N])``.
+  """
+  _check_choice("weight_mode", weight_mode, WEIGHT_MODES)
+  n_dev = jax.local_device_count() if num_devices is None else num_devices
+  if not 1 <= n_dev <= jax.local_device_count():
+    raise ValueError(
+      f"num_devices={n_dev} is not allowed: must be in [1, {jax.local_device_count()}]"
+    )
+  n = x.shape[0]
+  inputs = _padded_attack_inputs(rng, jnp.asarray(x), jnp.asarray(labels), pairs, config, n_dev)
+  shards = [a.reshape(n_dev, -1, *a.shape[1:]) for a in inputs]
+  fn = _pmapped_attack(apply_fn, config, weight_mode)
+  r_d, success, weights = fn(params, *shards)
+  return DatasetPerturbation(r_d[0], success.reshape(-1)[:n], weights.reshape(-1)[:n])
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ The experiment sees:
   ``test``:    held-out images of those datasets, same keys.
   ``heldout``: ``{domain: arrays}`` of the held-out domain(s) (a street-scene domain never
                trained on, or the Cityscapes validation cities, which the train split lacks).
+  ``val``:     ``{dataset: arrays}``, the last ``tune.val_per_dataset`` training images of each
+               dataset (``carve_validation``): removed from ``train`` and ``train_all``, so
+               never trained on or attacked; gamma and eps_r of R are chosen on them, never on
+               ``test`` or ``heldout`` (METHODS.md "How every comparison is judged").
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import ml_collections
 import numpy as np
 
 from research.data import catalogue, street_scenes
-from research.supervised import segmentation
+from research.data.segmentation import load_segmentation_data
 
 
 def resize_labels(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -77,7 +81,7 @@ def _take(arrays: dict, idx: np.ndarray) -> dict:
 
 
 def _street_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  base = segmentation.load_segmentation_data(config)
+  base = load_segmentation_data(config)
   train = base["train"]
   domains = tuple(config.data.train_domains)
   per_domain = {
@@ -118,6 +122,29 @@ def _cityscapes_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
   }
 
 
+def carve_validation(data: dict[str, Any], per_dataset: int) -> dict[str, Any]:
+  """Moves the last ``per_dataset`` training images of each dataset into ``val``.
+
+  At least one training image stays per dataset (fewer are carved from a tiny dataset).
+  ``train_all`` is rebuilt from what stays, so no validation image is ever trained on.
+
+  Args:
+    data: ``{"train": {name: arrays}, ...}`` as the loaders build it.
+    per_dataset: validation images per dataset, >= 1.
+
+  Returns:
+    ``data`` with ``train``, ``train_all`` and ``val`` replaced.
+  """
+  train, val = {}, {}
+  for name, arrays in data["train"].items():
+    n = len(arrays["image"])
+    cut = n - min(per_dataset, n - 1)
+    train[name] = _take(arrays, np.arange(cut))
+    val[name] = _take(arrays, np.arange(cut, n))
+  train_all = {k: np.concatenate([a[k] for a in train.values()]) for k in ("image", "semantic")}
+  return {**data, "train": train, "train_all": train_all, "val": val}
+
+
 def load_uap_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The M training datasets, their held-out images and the held-out domain (module doc).
 
@@ -126,9 +153,8 @@ def load_uap_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
       ``cityscapes``).
 
   Returns:
-    ``{"train_all": arrays, "train": {name: arrays}, "test": {name: arrays},
-    "heldout": {name: arrays}, "num_classes": K, "class_names": names}``.
+    ``{"train_all": arrays, "train": {name: arrays}, "val": {name: arrays},
+    "test": {name: arrays}, "heldout": {name: arrays}, "num_classes": K, "class_names": names}``.
   """
-  if config.data.name == "cityscapes":
-    return _cityscapes_data(config)
-  return _street_data(config)
+  data = _cityscapes_data(config) if config.data.name == "cityscapes" else _street_data(config)
+  return carve_validation(data, int(config.tune.val_per_dataset))

@@ -1,21 +1,28 @@
 """M1 experiment: universal adversarial training samples for segmentation (METHODS.md M1).
 
-1. Train the baseline segmenter (``research.supervised.segmentation``) on the M training
-   datasets (street-scene domains, or Cityscapes train chunks).
-2. For each dataset, a per-dataset universal perturbation ``r_D`` from targeted iterative
-   fast-gradient rounds on (part of) its training images, data-parallel over all devices with
-   the ``lax.psum`` accumulation (steps 1-4); then the unified perturbation ``R`` (step 5).
-3. Evaluate on held-out images of the M datasets and on the held-out domain: targeted success,
-   mIoU and pixel accuracy, clean vs under ``R`` vs under a random-sign noise control of the same
-   L-inf norm ``||R||_inf``.
-4. Adversarial training (steps 6-7): continue from the baseline parameters on batches mixing
-   clean and second samples ``clip(x + R)``; report mIoU under ``R``, under a fresh ``R'``
-   computed against the new model, and clean; against a control that fine-tunes the same
-   steps on clean images only.
+For every seed of `settings.seeds` (in one process; data fixed, everything trained anew):
+
+1. Train the baseline segmenter on the M training datasets (minus their validation images).
+2. Per-dataset universal perturbations `r_D` from targeted iterative fast-gradient rounds (with
+   claim 5's in-round random term), data-parallel with the `lax.psum` accumulation (steps 1-4).
+3. Choose `gamma` and `eps_r` of the unified `R` (step 5) on the validation split carved from
+   the training datasets (`tune`), by targeted success; the headline uses the chosen values.
+4. Adversarial training (steps 6-7) from the baseline on 1:1 clean and `clip(x + R)` batches;
+   the control fine-tunes the same steps on clean images only. A fresh `R'` is computed
+   against each (the control's own `R'` is the control of the adversarial model's `R'`).
+5. Evaluate on held-out images of the M datasets and on the held-out domain (`EVALUATIONS`):
+   the baseline clean, under `R`, `R` without its random term, `R` with METHODS.md's default
+   `gamma = xi`, a sign-noise control of the same L-inf norm, and the ablation attacks (claim 5's
+   term off; the other `correct_pixels` option); the adversarial model and the control clean,
+   under `R` and under their own `R'`.
+
+The numbers become `Results` records (arm, seed, split, condition, metric); `report.py` builds
+the tables, paired verdicts and figures from them alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -25,113 +32,36 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from research import config_checks
-from research.data import catalogue, samplers, street_scenes
-from research.metrics import segmentation as seg_metrics
+from research.data import samplers
+from research.study.results import Results, save_arrays
 from research.supervised import segmentation
-from research.training import harness, loop, parallel, report, state, steps
-from research.uap_segmentation import core
+from research.training import fit, parallel, state, steps
+from research.uap_segmentation import core, evaluation, report
 from research.uap_segmentation import data as uap_data
+from research.uap_segmentation.settings import Settings
 
-EXPERIMENT = "uap_segmentation"
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration.
-
-
-def class_names_for(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The class names of ``config.data.name`` (known before any data is read)."""
-  if config.data.name == "cityscapes":
-    return catalogue.CITYSCAPES_CLASS_NAMES
-  return street_scenes.CLASS_NAMES
-
-
-def attack_config(config: ml_collections.ConfigDict) -> core.AttackConfig:
-  """``core.AttackConfig`` of ``config.attack`` (METHODS.md M1 steps 1-3)."""
-  a = config.attack
-  return core.AttackConfig(
-    rounds=a.rounds,
-    alpha=a.alpha,
-    xi=a.xi,
-    eps_r=a.eps_r,
-    w_t=a.w_t,
-    w_c=a.w_c,
-    rho=a.rho,
-    ignore_label=street_scenes.IGNORE_LABEL,
-  )
-
-
-def _check_unit(config: ml_collections.ConfigDict, field: str) -> float:
-  return config_checks.check_float(config, field, 0.0, 1.0, exclusive_minimum=True)
-
-
-def _check_size_multiple(config: ml_collections.ConfigDict, field: str, sizes, multiple: int):
-  if len(sizes) != 2 or any(not isinstance(s, int) or s < 16 or s % multiple for s in sizes):
-    raise config_checks.ConfigError(
-      f"config.{field}={tuple(sizes)} is not allowed: give (height, width), each an integer "
-      f">= 16 and a multiple of {multiple} (the segmenter's total stride)"
-    )
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails at once, naming the field, on any value the experiment cannot use."""
-  segmentation.validate(config)
-  multiple = 2 ** (len(config.model.stage_sizes) - 1)
-  if config.data.name == "street_scenes":
-    overlap = set(config.data.train_domains) & set(config.data.heldout_domains)
-    if overlap:
-      raise config_checks.ConfigError(
-        f"config.data.heldout_domains={tuple(config.data.heldout_domains)} is not allowed: "
-        f"{sorted(overlap)} are also training domains; a held-out domain must be unseen"
-      )
-    size = config.data.image_size
-    _check_size_multiple(config, "data.image_size", (size, size), multiple)
-  else:
-    resize = tuple(config_checks.get_field(config, "data.resize"))
-    if not resize:
-      raise config_checks.ConfigError(
-        "config.data.resize=() is not allowed: Cityscapes images (1024 x 2048) must be resized "
-        "to one small (height, width), e.g. (64, 128)"
-      )
-    _check_size_multiple(config, "data.resize", resize, multiple)
-    config_checks.check_int(config, "data.num_datasets", 1)
-    config_checks.check_int(config, "data.train_images", 0)
-    config_checks.check_int(config, "data.heldout_images", 0)
-    config_checks.check_float(config, "data.test_fraction", 0.0, 0.5, exclusive_minimum=True)
-  try:
-    core.resolve_confusable_pairs(tuple(config.attack.pairs), class_names_for(config))
-  except ValueError as e:
-    raise config_checks.ConfigError(f"config.attack.pairs: {e}") from e
-  for field in ("attack.xi", "attack.alpha", "attack.rho"):
-    _check_unit(config, field)
-  config_checks.check_int(config, "attack.rounds", 1)
-  config_checks.check_int(config, "attack.images_per_dataset", 1)
-  for field in ("attack.eps_r", "attack.w_t", "attack.w_c", "attack.unified_eps_r"):
-    config_checks.check_float(config, field, 0.0)
-  if config.attack.w_t == 0 and config.attack.w_c == 0:
-    raise config_checks.ConfigError(
-      "config.attack.w_t=0 and config.attack.w_c=0 is not allowed: one weight must be > 0"
-    )
-  config_checks.check_float(config, "attack.gamma_scale", 0.0, exclusive_minimum=True)
-  config_checks.check_choice(config, "attack.weight_mode", core.WEIGHT_MODES)
-  config_checks.check_choice(config, "attack.norm", core.NORMS)
-  config_checks.check_int(config, "adv_train.steps", 1)
-  config_checks.check_float(config, "adv_train.ratio", 0.0, 1.0)
-  config_checks.check_float(config, "adv_train.learning_rate", 0.0, exclusive_minimum=True)
-  config_checks.check_int(config, "adv_train.checkpoint_every", 0)
-  config_checks.check_int(config, "report.overlay_images", 1)
-
-
-# --------------------------------------------------------------------------------------------
-# Perturbations (steps 1-5).
+B, A, C = report.BASELINE, report.ADV, report.CONTROL
+# (arm, condition): every headline evaluation of a seed, in report order; the condition names
+# the perturbation in that seed's `perts` (R' is the arm's own fresh attack).
+EVALUATIONS = (
+  (B, "clean"),
+  (B, "R"),
+  (B, report.R_NO_RANDOM),
+  (B, report.R_GAMMA_XI),
+  (B, "noise"),
+  (B, report.R_NO_ROUND),
+  (B, report.R_OTHER_PIXELS),
+  (A, "clean"),
+  (A, "R"),
+  (A, "R'"),
+  (C, "clean"),
+  (C, "R"),
+  (C, "R'"),
+)
 
 
 def logits_apply(model: Any) -> Callable[[Any, jax.Array], jax.Array]:
-  """``apply_fn(params, images) -> logits`` for ``universal_perturbation_sharded``.
-
-  Create it once per model and reuse it: it is a static argument of the compiled driver.
-  """
+  """`apply_fn(params, images) -> logits`; create once per model (a static jit argument)."""
 
   def apply_fn(params, images):
     return model.apply({"params": params}, images)["logits"]
@@ -139,569 +69,266 @@ def logits_apply(model: Any) -> Callable[[Any, jax.Array], jax.Array]:
   return apply_fn
 
 
-def unified_from_datasets(
-  apply_fn: Callable,
-  params: Any,
-  rng: jax.Array,
-  train: dict[str, dict[str, np.ndarray]],
-  pairs: np.ndarray,
-  config: ml_collections.ConfigDict,
-) -> dict[str, Any]:
-  """Per-dataset universal perturbations and the unified ``R`` (METHODS.md M1 steps 1-5).
+def dataset_perturbations(apply_fn, params, rng, train, s: Settings, attack: core.AttackConfig):
+  """Steps 1-4 on each dataset: `([M, H, W, 3] r_D, {dataset: mean success of its r_n})`.
 
-  Args:
-    apply_fn: ``logits_apply(model)``.
-    params: the attacked model's parameters.
-    rng: PRNG key (dataset j uses ``fold_in(rng, j)``; the unified random term the last key).
-    train: ``{dataset: {"image": [N, H, W, 3] uint8, "semantic": [N, H, W]}}``; the first
-      ``config.attack.images_per_dataset`` images of each are attacked.
-    pairs: ``[P, 2]`` confusable pairs.
-    config: the experiment config.
-
-  Returns:
-    ``{"unified": [H, W, 3] R, "per_dataset": [M, H, W, 3], "success": {dataset: mean
-    per-sample targeted success of its own r_n}}``.
+  Dataset j uses `fold_in(rng, j)`; its first `images_per_dataset` images are attacked.
   """
-  a = config.attack
-  mesh = core.device_mesh()
-  attack = attack_config(config)
-  r_ds, success = [], {}
+  mesh, r_ds, success = core.device_mesh(), [], {}
   for j, (name, arrays) in enumerate(train.items()):
-    n = min(a.images_per_dataset, len(arrays["image"]))
+    n = min(s.unify.images_per_dataset, len(arrays["image"]))
     out = core.universal_perturbation_sharded(
       apply_fn,
       params,
       jax.random.fold_in(rng, j),
       steps.images_to_float(jnp.asarray(arrays["image"][:n])),
       jnp.asarray(arrays["semantic"][:n], jnp.int32),
-      jnp.asarray(pairs),
+      jnp.asarray(s.pairs),
       config=attack,
       mesh=mesh,
-      weight_mode=a.weight_mode,
+      weight_mode=s.unify.weight_mode,
     )
     r_ds.append(out.r_d)
     success[name] = float(jnp.mean(out.success))
-  per_dataset = jnp.stack(r_ds)
-  unified = core.unified_perturbation(
-    jax.random.fold_in(rng, len(train)),
-    per_dataset,
-    xi=a.xi,
-    gamma=a.gamma_scale * a.xi,
-    eps_r=a.unified_eps_r,
-    norm=a.norm,
+  return jnp.stack(r_ds), success
+
+
+def unify(rng, r_ds, s: Settings, gamma_scale: float, eps_r: float) -> np.ndarray:
+  """Step 5: `R` with `gamma = gamma_scale * xi` (the same random draw for every value)."""
+  xi = s.attack.xi
+  return np.asarray(
+    core.unified_perturbation(
+      rng, r_ds, xi=xi, gamma=gamma_scale * xi, eps_r=eps_r, norm=s.unify.norm
+    )
   )
-  return {
-    "unified": np.asarray(unified),
-    "per_dataset": np.asarray(per_dataset),
-    "success": success,
-  }
 
 
-def sign_noise_like(rng: jax.Array, perturbation: np.ndarray) -> np.ndarray:
-  """The control: uniform random signs scaled to ``||R||_inf`` (same L-inf norm as ``R``).
+def tune(evaluate, params, r_ds, rng, s: Settings, val: dict, results: Results, seed: int):
+  """Chooses `(gamma_scale, eps_r)` by mean targeted success on the validation split.
 
-  Args:
-    rng: PRNG key.
-    perturbation: ``[H, W, C]`` the perturbation ``R`` to match.
-
-  Returns:
-    ``[H, W, C]`` noise with entries ``+-||R||_inf``.
+  Every grid point is recorded (split `<dataset> (validation)`, condition `report.tune_label`);
+  ties keep the first grid point. Returns the chosen pair.
   """
-  radius = float(np.max(np.abs(perturbation)))
-  signs = jax.random.rademacher(rng, perturbation.shape, dtype=jnp.float32)
-  return np.asarray(radius * signs)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation under a perturbation.
-
-
-def perturbed_eval_step(
-  params_and_perturbation: tuple[Any, jax.Array],
-  batch: dict,
-  *,
-  model: Any,
-  num_classes: int,
-  pairs: jax.Array,
-  ignore_label: int = 255,
-) -> dict:
-  """Confusion and targeted hits of a batch under ``clip(x + R)`` (METHODS.md M1 "Measure").
-
-  Besides the targeted success (``src`` pixels predicted ``tgt``) it counts *flips*: ``src``
-  pixels that the model does not already call ``tgt`` on the clean image but does under the
-  perturbation, which separates what the perturbation does from the model's clean confusion.
-
-  Args:
-    params_and_perturbation: ``(params, R [H, W, 3])``; ``R = 0`` evaluates clean images.
-    batch: ``{"image": [B, H, W, 3], "semantic": [B, H, W], "valid": [B] bool}``.
-    model: the segmenter.
-    num_classes: K.
-    pairs: ``[P, 2]`` confusable ``(src, tgt)`` pairs.
-    ignore_label: label excluded everywhere.
-
-  Returns:
-    ``{"confusion": [K, K] under R, "hits": [B, P] pixels of src_p predicted tgt_p,
-    "targeted": [B, P] pixels of class src_p, "flips": [B, P] of those not tgt_p clean but
-    tgt_p under R, "flippable": [B, P] of those not tgt_p clean}``.
-  """
-  params, perturbation = params_and_perturbation
-  x = steps.images_to_float(batch["image"])
-
-  def predict(images):
-    return jnp.argmax(model.apply({"params": params}, images)["logits"], -1)[..., None]
-
-  clean = predict(x)
-  predictions = predict(core.second_samples(x, perturbation))
-  labels = batch["semantic"].astype(jnp.int32)
-  valid = (labels != ignore_label) & batch["valid"][:, None, None]
-  is_src = (labels[..., None] == pairs[:, 0]) & valid[..., None]  # [B, H, W, P]
-  hit = is_src & (predictions == pairs[:, 1])
-  flippable = is_src & (clean != pairs[:, 1])
-  return {
-    "confusion": steps.confusion_counts(labels, predictions[..., 0], valid, num_classes),
-    "hits": jnp.sum(hit, axis=(1, 2)),
-    "targeted": jnp.sum(is_src, axis=(1, 2)),
-    "flips": jnp.sum(flippable & hit, axis=(1, 2)),
-    "flippable": jnp.sum(flippable, axis=(1, 2)),
-  }
-
-
-def evaluate_under(
-  eval_step: Callable,
-  params: Any,
-  perturbation: np.ndarray,
-  arrays: dict,
-  batch_size: int,
-  run: harness.Run,
-) -> dict[str, Any]:
-  """mIoU, pixel accuracy, per-class IoU, targeted success and flip rate of a split under R."""
-  out = harness.evaluate(
-    eval_step,
-    (params, jnp.asarray(perturbation, jnp.float32)),
-    arrays,
-    batch_size,
-    run.mesh,
-    ("image", "semantic"),
-    collect=("hits", "targeted", "flips", "flippable"),
-  )
-  hits, targeted = out["hits"].sum(0), out["targeted"].sum(0)
-  flips, flippable = out["flips"].sum(0), out["flippable"].sum(0)
-  summary = seg_metrics.segmentation_summary(out["confusion"])
-  return {
-    "miou": float(summary["miou"]),
-    "pixel_accuracy": float(summary["pixel_accuracy"]),
-    "iou": np.asarray(seg_metrics.per_class_iou(out["confusion"])),
-    "success": float(hits.sum() / max(targeted.sum(), 1)),
-    "success_per_pair": (hits / np.maximum(targeted, 1)).tolist(),
-    "flip_rate": float(flips.sum() / max(flippable.sum(), 1)),
-  }
-
-
-# --------------------------------------------------------------------------------------------
-# Adversarial training (steps 6-7).
-
-
-def adversarial_train(
-  config: ml_collections.ConfigDict,
-  run: harness.Run,
-  model: Any,
-  params: Any,
-  train_all: dict[str, np.ndarray],
-  perturbation: np.ndarray,
-  name: str = "adv_train",
-) -> Any:
-  """Continues training from ``params`` on 1:1 clean + ``clip(x + R)`` batches (steps 6-7).
-
-  With ``perturbation = 0`` the same steps see clean images only: the clean fine-tuning
-  control, which separates what the second samples do from what extra training does.
-  Own checkpoints in ``<workdir>/<name>_checkpoints``; a restarted run resumes there.
-
-  Returns:
-    The trained parameters.
-  """
-  a = config.adv_train
-  optim = ml_collections.ConfigDict(config.optim.to_dict())
-  optim.learning_rate = a.learning_rate
-  optim.warmup_steps = min(optim.warmup_steps, a.steps // 10)
-  tx = state.make_optimizer(optim, a.steps)
-  params = jax.tree.map(lambda p: jnp.array(p, copy=True), params)  # the step donates its state
-  train_state = parallel.replicate(state.create_train_state(params, tx), run.mesh)
-  checkpointer = run.checkpointer(f"{name}_checkpoints")
-  train_state, _ = loop.restore_or_init(checkpointer, train_state)
-  loss_fn = functools.partial(
-    core.adversarial_training_loss,
-    loss_fn=functools.partial(steps.segmentation_loss, model=model),
-    perturbation=jnp.asarray(perturbation, jnp.float32),
-    ratio=a.ratio,
-  )
-  step = parallel.compile_train_step(
-    functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx), run.mesh
-  )
-  sampler = samplers.RandomSampler(
-    len(train_all["image"]), config.train.batch_size, config.seed + 1
-  )
-  batch_fn = harness.sampled_batch_fn(train_all, sampler, run.mesh, ("image", "semantic"))
-  train_state = loop.train_loop(
-    train_state,
-    step,
-    batch_fn,
-    jax.random.key(config.seed + 2),
-    num_steps=a.steps,
-    checkpointer=checkpointer,
-    checkpoint_every=a.checkpoint_every,
-    log_every=config.train.log_every,
-    writer=run.writer,
-    examples_per_step=config.train.batch_size,
-    name=name,
-  )
-  checkpointer.close()
-  return train_state.params
-
-
-# --------------------------------------------------------------------------------------------
-# The experiment.
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _predict_jit(model: Any, params: Any, images: jax.Array, perturbation: jax.Array):
-  x = core.second_samples(steps.images_to_float(images), perturbation)
-  return jnp.argmax(model.apply({"params": params}, x)["logits"], -1)
-
-
-def _predict(model: Any, params: Any, images: np.ndarray, perturbation: np.ndarray) -> np.ndarray:
-  """Predicted label maps ``[B, H, W]`` of ``clip(images + perturbation)``."""
-  return np.asarray(_predict_jit(model, params, jnp.asarray(images), jnp.asarray(perturbation)))
-
-
-def amplified(perturbation: np.ndarray) -> np.ndarray:
-  """``0.5 + R / (2 ||R||_inf)`` in [0, 1]: a perturbation made visible."""
-  radius = max(float(np.max(np.abs(perturbation))), 1e-12)
-  return np.clip(0.5 + perturbation / (2.0 * radius), 0.0, 1.0)
-
-
-def _plots(run, model, params, adv_params, data, perts, names, k, config, per_class) -> str:
-  titles = [f"r_D {n}" for n in data["train"]] + ["R", "R' (vs adv. model)", "noise control"]
-  panels = [*perts["r_ds"], perts["R"], perts["R_prime"], perts["noise"]]
-  rows = [(" | ".join(titles) + " (amplified)", [amplified(p) for p in panels])]
-  report.plot_segmentation_rows(rows, k, run.plot_path("perturbations.png"))
-  overlay_rows = []
-  n = config.report.overlay_images
-  for split in (data["test"], data["heldout"]):
-    name, arrays = next(iter(split.items()))
-    images, labels = arrays["image"][:n], arrays["semantic"][:n]
-    zero = np.zeros_like(perts["R"])
-    p_clean = _predict(model, params, images, zero)
-    p_r = _predict(model, params, images, perts["R"])
-    p_adv = _predict(model, adv_params, images, perts["R"])
-    x_r = np.asarray(core.second_samples(steps.images_to_float(jnp.asarray(images)), perts["R"]))
-    for i in range(len(images)):
-      overlay_rows.append(
-        (
-          f"{name} {i}: input | +R | truth | pred clean | pred under R | adv-trained under R",
-          [images[i], x_r[i], labels[i], p_clean[i], p_r[i], p_adv[i]],
+  scores = {}
+  for g in s.unify.gamma_scales:
+    for e in s.unify.eps_rs:
+      r = unify(rng, r_ds, s, g, e)
+      got = [evaluate(params, r, arrays) for arrays in val.values()]
+      for name, m in zip(val, got):
+        kept = {k: m[k] for k in ("success", "flip_rate", "miou")}
+        results.add(
+          B, seed, kept, split=f"{name} {report.VALIDATION}", condition=report.tune_label(g, e)
         )
+      scores[(g, e)] = float(np.mean([m["success"] for m in got]))
+  best = max(scores, key=scores.get)  # first maximum in grid order
+  results.add(report.TUNING, seed, {"gamma_scale": best[0], "eps_r": best[1]})
+  return best
+
+
+def train_step_fns(config, s: Settings, model, run) -> dict[str, tuple]:
+  """`{phase: (tx, compiled step)}` for the baseline and the fine-tuning (shared by seeds).
+
+  The fine-tuning step reads its perturbation from the batch (`perturbation`, `R` broadcast
+  per example), so the adversarial arm and the clean control (`R = 0`) of every seed share one
+  compiled step.
+  """
+  seg_loss = functools.partial(steps.segmentation_loss, model=model)
+  base_tx = state.make_optimizer(config.optim, s.train.steps)
+  optim = ml_collections.ConfigDict(config.optim.to_dict())
+  optim.learning_rate = s.adv_train.learning_rate
+  optim.warmup_steps = min(optim.warmup_steps, s.adv_train.steps // 10)
+  adv_tx = state.make_optimizer(optim, s.adv_train.steps)
+
+  def adv_loss(params, batch, rng):
+    return core.adversarial_training_loss(
+      params,
+      batch,
+      rng,
+      loss_fn=seg_loss,
+      perturbation=batch["perturbation"],
+      ratio=s.adv_train.ratio,
+    )
+
+  def compiled(loss_fn, tx):
+    return parallel.compile_train_step(
+      functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx), run.mesh
+    )
+
+  return {
+    "base": (base_tx, compiled(seg_loss, base_tx)),
+    "adv": (adv_tx, compiled(adv_loss, adv_tx)),
+  }
+
+
+def train_phase(run, s, fns, kind, name, params, train_all, seed, perturbation=None):
+  """One training phase of a seed: the baseline (`kind='base'`) or a fine-tuning (`'adv'`).
+
+  A fine-tuning continues from `params` with `clip(x + perturbation)` as the second samples
+  (zeros: the clean control). Checkpoints in `<workdir>/<name>_checkpoints` (resumed).
+  """
+  tx, step = fns[kind]
+  arrays, keys = dict(train_all), ["image", "semantic"]
+  if kind == "adv":
+    arrays["perturbation"] = np.broadcast_to(perturbation, arrays["image"].shape)
+    keys.append("perturbation")
+    n_steps, every, offset = s.adv_train.steps, s.adv_train.checkpoint_every, 1
+  else:
+    n_steps, every, offset = s.train.steps, s.train.checkpoint_every, 0
+  sampler = samplers.RandomSampler(len(arrays["image"]), s.train.batch_size, seed + offset)
+  return fit.fit(
+    run,
+    fit.Phase(name, n_steps, s.train.log_every, every, s.train.batch_size),
+    params=jax.tree.map(lambda p: jnp.array(p, copy=True), params),  # the step donates state
+    tx=tx,
+    step_fn=step,
+    batch_fn=fit.sampled_batch_fn(arrays, sampler, run.mesh, tuple(keys)),
+    rng=jax.random.key(seed + 2 * offset),
+  ).params
+
+
+def run_seed(seed, s: Settings, run, data, model, fns, evaluate, results) -> dict:
+  """The whole study for one seed (module doc); returns its perturbations and parameters."""
+  apply_fn = _APPLY.setdefault(model, logits_apply(model))
+  init = fit.init_params(model, jax.random.key(seed), data["train_all"]["image"][0])
+  base = train_phase(run, s, fns, "base", f"seed{seed}_train", init, data["train_all"], seed)
+  attack_rng, noise_rng, unify_rng = jax.random.split(jax.random.key(seed + 3), 3)
+  r_ds, success = dataset_perturbations(apply_fn, base, attack_rng, data["train"], s, s.attack)
+  g, e = tune(evaluate, base, r_ds, unify_rng, s, data["val"], results, seed)
+  perts = {
+    "R": unify(unify_rng, r_ds, s, g, e),
+    report.R_NO_RANDOM: unify(unify_rng, r_ds, s, g, 0.0),
+    report.R_GAMMA_XI: unify(unify_rng, r_ds, s, 1.0, e),
+    "r_ds": np.asarray(r_ds),
+  }
+  perts["noise"] = evaluation.sign_noise_like(noise_rng, perts["R"])
+  successes = {(B, report.TRAIN_R_N): success}  # (arm, condition) -> {dataset: success}
+  other = "partner" if s.attack.correct_pixels == "all" else "all"
+  ablations = {
+    report.R_NO_ROUND: ("eps_round", dataclasses.replace(s.attack, eps_round=0.0)),
+    report.R_OTHER_PIXELS: ("correct_pixels", dataclasses.replace(s.attack, correct_pixels=other)),
+  }
+  for cond, (name, attack) in ablations.items():
+    if name in s.ablation_attacks:
+      r_abl, successes[(B, f"{report.TRAIN_R_N} {cond}")] = dataset_perturbations(
+        apply_fn, base, attack_rng, data["train"], s, attack
       )
-  report.plot_segmentation_rows(overlay_rows, k, run.plot_path("overlays.png"))
-  report.plot_bars(per_class, names, "IoU", run.plot_path("per_class_iou.png"))
-  return (
-    "![perturbations](plots/perturbations.png)\n\n![overlays](plots/overlays.png)\n\n"
-    "![per-class IoU](plots/per_class_iou.png)"
-  )
+      perts[cond] = unify(unify_rng, r_abl, s, g, e)
+  params = {B: base}
+  for arm, pert in ((A, perts["R"]), (C, np.zeros_like(perts["R"]))):
+    name = f"seed{seed}_{'adv_train' if arm == A else 'clean_finetune'}"
+    params[arm] = train_phase(run, s, fns, "adv", name, base, data["train_all"], seed, pert)
+    r_new, successes[(arm, report.TRAIN_R_N)] = dataset_perturbations(
+      apply_fn, params[arm], attack_rng, data["train"], s, s.attack
+    )
+    perts[f"R'_{arm}"] = unify(unify_rng, r_new, s, g, e)
+  splits = {
+    **{f"{n} {report.HELD_IN}": a for n, a in data["test"].items()},
+    **{f"{n} {report.HELD_OUT}": a for n, a in data["heldout"].items()},
+  }
+  for arm, cond in EVALUATIONS:
+    if cond not in perts and cond not in ("clean", "R'"):
+      continue  # an ablation attack that the config leaves out
+    pert = {"clean": np.zeros_like(perts["R"]), "R'": perts.get(f"R'_{arm}")}.get(cond)
+    pert = perts[cond] if pert is None else pert
+    for split, arrays in splits.items():
+      metrics = evaluate(params[arm], pert, arrays)
+      results.add(arm, seed, metrics, split=split, condition=cond)
+      logged = {m: metrics[m] for m in report.SPLIT_METRICS}
+      run.writer.write(seed, logged, phase=f"seed{seed}|{report.label(arm, cond)}|{split}")
+  for (arm, cond), per_dataset in successes.items():
+    for dataset, value in per_dataset.items():
+      results.add(arm, seed, {"success": value}, split=dataset, condition=cond)
+  return {"perts": perts, "params": params}
 
 
-def _mean_iou(results: dict[str, dict]) -> np.ndarray:
-  return np.mean([r["iou"] for r in results.values()], axis=0)
+_APPLY: dict = {}  # one `logits_apply` per model, so the compiled attack is reused by seeds
+
+
+def overlay_arrays(model, params: dict, data: dict, perts: dict, n: int) -> dict[str, np.ndarray]:
+  """The overlay panels of the first `n` images of a held-out-images split and the domain.
+
+  Panels: input, `clip(x + R)`, truth, predictions clean / under R / adv. model under R, as
+  `{"<j>/<panel>": [n, H, W(, 3)]}` with j = 0 (held-out images), 1 (held-out domain).
+  """
+  r, zero = perts["R"], np.zeros_like(perts["R"])
+  out = {}
+  for j, split in enumerate((data["test"], data["heldout"])):
+    arrays = next(iter(split.values()))
+    images = arrays["image"][:n]
+    x = steps.images_to_float(jnp.asarray(images))
+    out.update(
+      {
+        f"{j}/image": images,
+        f"{j}/perturbed": np.asarray(core.second_samples(x, r)),
+        f"{j}/truth": arrays["semantic"][:n],
+        f"{j}/clean": evaluation.predict_labels(model, params[B], images, zero),
+        f"{j}/R": evaluation.predict_labels(model, params[B], images, r),
+        f"{j}/adv_R": evaluation.predict_labels(model, params[A], images, r),
+      }
+    )
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the M1 experiment (module doc) and writes ``report.md`` and ``summary.json``."""
-  validate(config)
-  run = harness.start_run(workdir)
+  """Runs the M1 study over seeds (module doc); writes `results.json`, the report, the summary."""
+  s = Settings.from_config(config)
+  run = fit.start_run(workdir, config)
   data = uap_data.load_uap_data(config)
-  k, names = data["num_classes"], data["class_names"]
-  pairs = core.resolve_confusable_pairs(tuple(config.attack.pairs), names)
+  k = data["num_classes"]
   core.check_same_image_size(
-    [a["image"].shape for group in ("train", "test", "heldout") for a in data[group].values()]
+    [a["image"].shape for g in ("train", "val", "test", "heldout") for a in data[g].values()]
   )
-  # 1. Baseline.
-  model, params = segmentation.train_segmenter(
-    config, run, {"train": data["train_all"], "num_classes": k}
-  )
-  # 2. Per-dataset and unified perturbations against the baseline.
-  apply_fn = logits_apply(model)
-  rng = jax.random.key(config.seed + 3)
-  attack_rng, noise_rng = jax.random.split(rng)
-  before = unified_from_datasets(apply_fn, params, attack_rng, data["train"], pairs, config)
-  perts = {
-    "R": before["unified"],
-    "r_ds": before["per_dataset"],
-    "noise": sign_noise_like(noise_rng, before["unified"]),
-  }
-  # 3. Clean / R / noise on held-out images and the held-out domain.
+  model = segmentation.build_segmenter(config, k)
+  parallel.check_batch_divisible(s.train.batch_size, run.mesh, "train.batch_size")
+  parallel.check_batch_divisible(s.train.eval_batch_size, run.mesh, "train.eval_batch_size")
+  fns = train_step_fns(config, s, model, run)
   eval_step = jax.jit(
-    functools.partial(perturbed_eval_step, model=model, num_classes=k, pairs=jnp.asarray(pairs))
-  )
-  bs = config.train.eval_batch_size
-  parallel.check_batch_divisible(bs, run.mesh, "train.eval_batch_size")
-  zero = np.zeros_like(perts["R"])
-  splits = {
-    **{f"{n} (held-out images)": a for n, a in data["test"].items()},
-    **{f"{n} (held-out domain)": a for n, a in data["heldout"].items()},
-  }
-  conditions = {"clean": zero, "R": perts["R"], "noise": perts["noise"]}
-  results = {
-    cond: {s: evaluate_under(eval_step, params, p, a, bs, run) for s, a in splits.items()}
-    for cond, p in conditions.items()
-  }
-  # 4. Adversarial training, then R (old) and a fresh R' against the new model; the control
-  # fine-tunes on clean images for the same steps.
-  adv_params = adversarial_train(config, run, model, params, data["train_all"], perts["R"])
-  control_params = adversarial_train(
-    config, run, model, params, data["train_all"], zero, name="clean_finetune"
-  )
-  after = unified_from_datasets(apply_fn, adv_params, attack_rng, data["train"], pairs, config)
-  perts["R_prime"] = after["unified"]
-  adv_conditions = {"adv clean": zero, "adv R": perts["R"], "adv R'": perts["R_prime"]}
-  adv_conditions.update({"control clean": zero, "control R": perts["R"]})
-  for cond, p in adv_conditions.items():
-    cond_params = control_params if cond.startswith("control") else adv_params
-    results[cond] = {
-      s: evaluate_under(eval_step, cond_params, p, a, bs, run) for s, a in splits.items()
-    }
-  np.savez(run.workdir + "/perturbations.npz", **{n: np.asarray(v) for n, v in perts.items()})
-  for cond, per_split in results.items():
-    for s, r in per_split.items():
-      run.writer.write(
-        config.train.steps,
-        {m: r[m] for m in ("miou", "pixel_accuracy", "success", "flip_rate")},
-        phase=f"{cond}|{s}",
-      )
-  return _write_outputs(
-    config, run, model, params, adv_params, data, perts, pairs, names, k, results, before, after
-  )
-
-
-_BAR_NOTES = (
-  "Targeted success is the fraction of `src` pixels predicted `tgt`; it includes the model's "
-  "clean confusion (the `clean` rows), which the noise control also keeps, so the raw ratio "
-  "R / noise is bounded by roughly 1 / (clean success). The flip rate counts only `src` pixels "
-  "the model does not already call `tgt` on the clean image and that flip to `tgt` under the "
-  "perturbation; the ratio can never exceed 1 / (noise success), the ceiling column. "
-  "Recovered / taken is (mIoU under R after adversarial training - mIoU under R "
-  "before) / (clean mIoU before - mIoU under R before); it also contains whatever the extra "
-  "training steps improve on their own, which the clean fine-tune control (the same steps, "
-  "optimizer and batches on clean images only) measures. "
-  "The noise control has the L-inf norm of R but, being +-||R||_inf everywhere, a larger L2 norm."
-)
-
-
-def _write_outputs(
-  config, run, model, params, adv_params, data, perts, pairs, names, k, results, before, after
-) -> dict:
-  """Tables, plots, report.md and summary.json."""
-  held_in = [s for s in results["clean"] if s.endswith("(held-out images)")]
-  held_out = [s for s in results["clean"] if s.endswith("(held-out domain)")]
-
-  def group_mean(cond: str, splits: list[str], key: str) -> float:
-    return float(np.mean([results[cond][s][key] for s in splits]))
-
-  pair_names = [f"{names[s]}->{names[t]}" for s, t in pairs]
-  main_rows = []
-  for s in results["clean"]:
-    for cond, label in (("clean", "clean"), ("R", "unified R"), ("noise", "noise control")):
-      r = results[cond][s]
-      main_rows.append(
-        [
-          s,
-          label,
-          r["success"],
-          *r["success_per_pair"],
-          r["flip_rate"],
-          r["miou"],
-          r["pixel_accuracy"],
-        ]
-      )
-  adv_rows = []
-  for s in results["clean"]:
-    adv_rows.append(
-      [
-        s,
-        results["clean"][s]["miou"],
-        results["R"][s]["miou"],
-        results["adv clean"][s]["miou"],
-        results["adv R"][s]["miou"],
-        results["adv R'"][s]["miou"],
-        results["control clean"][s]["miou"],
-        results["control R"][s]["miou"],
-        results["R"][s]["success"],
-        results["adv R"][s]["success"],
-        results["adv R'"][s]["success"],
-      ]
+    functools.partial(
+      evaluation.perturbed_eval_step, model=model, num_classes=k, pairs=jnp.asarray(s.pairs)
     )
-  bars = {}
-  for group, splits in (("held-out images", held_in), ("held-out domain", held_out)):
-    r_success = group_mean("R", splits, "success")
-    noise_success = group_mean("noise", splits, "success")
-    clean_success = group_mean("clean", splits, "success")
-    taken = group_mean("clean", splits, "miou") - group_mean("R", splits, "miou")
-    recovered = group_mean("adv R", splits, "miou") - group_mean("R", splits, "miou")
-    recovered_control = group_mean("control R", splits, "miou") - group_mean("R", splits, "miou")
-    bars[group] = {
-      "success_R": r_success,
-      "success_noise": noise_success,
-      "success_clean": clean_success,
-      "success_ratio": r_success / max(noise_success, 1e-12),
-      "success_ratio_ceiling": 1.0 / max(noise_success, 1e-12),
-      "flip_rate_R": group_mean("R", splits, "flip_rate"),
-      "flip_rate_noise": group_mean("noise", splits, "flip_rate"),
-      "flip_ratio": group_mean("R", splits, "flip_rate")
-      / max(group_mean("noise", splits, "flip_rate"), 1e-12),
-      "miou_taken_by_R": taken,
-      "miou_recovered": recovered,
-      "recovered_fraction": recovered / taken if taken > 0 else float("nan"),
-      "recovered_fraction_control": recovered_control / taken if taken > 0 else float("nan"),
-      "clean_miou_cost": group_mean("clean", splits, "miou")
-      - group_mean("adv clean", splits, "miou"),
-      "clean_miou_cost_vs_control": group_mean("control clean", splits, "miou")
-      - group_mean("adv clean", splits, "miou"),
-    }
-  bar_rows = [
-    [
-      g,
-      b["success_R"],
-      b["success_noise"],
-      b["success_ratio"],
-      b["success_ratio_ceiling"],
-      b["flip_rate_R"],
-      b["flip_rate_noise"],
-      b["flip_ratio"],
-      b["recovered_fraction"],
-      b["recovered_fraction_control"],
-      100 * b["clean_miou_cost"],
-      100 * b["clean_miou_cost_vs_control"],
-    ]
-    for g, b in bars.items()
-  ]
-  per_class = {
-    "clean": _mean_iou(results["clean"]),
-    "under R": _mean_iou(results["R"]),
-    "noise": _mean_iou(results["noise"]),
-    "adv. trained, under R": _mean_iou(results["adv R"]),
-    "adv. trained, clean": _mean_iou(results["adv clean"]),
-  }
-  plots = _plots(run, model, params, adv_params, data, perts, names, k, config, per_class)
-  a = config.attack
-  setup = (
-    f"M = {len(data['train'])} datasets ({', '.join(data['train'])}); "
-    f"pairs {', '.join(pair_names)}; "
-    f"xi = {a.xi:.4f} ({a.xi * 255:.1f}/255), alpha = {a.alpha * 255:.1f}/255, {a.rounds} rounds, "
-    f"{a.images_per_dataset} images per dataset, weights {a.weight_mode}, norm {a.norm}; "
-    f"||R||_inf = {np.max(np.abs(perts['R'])) * 255:.2f}/255, ||R||_2 / ||noise||_2 = "
-    f"{np.linalg.norm(perts['R']) / max(np.linalg.norm(perts['noise']), 1e-12):.3f}. "
-    f"Per-dataset success of the per-sample r_n on attacked training images: "
-    + ", ".join(f"{n} {v:.3f}" for n, v in before["success"].items())
-    + f". Adversarial training: {config.adv_train.steps} steps, second-sample ratio "
-    f"{config.adv_train.ratio}."
   )
-  report.write_report(
-    run.workdir,
-    f"M1: universal adversarial training samples for segmentation on {config.data.name}",
-    [
-      ("Setup", setup),
-      (
-        "Unified perturbation R vs noise control (baseline model)",
-        report.markdown_table(
-          [
-            "split",
-            "input",
-            "targeted success",
-            *pair_names,
-            "flip rate",
-            "mIoU",
-            "pixel accuracy",
-          ],
-          main_rows,
-        ),
-      ),
-      (
-        "Adversarial training",
-        report.markdown_table(
-          [
-            "split",
-            "mIoU clean (before)",
-            "mIoU under R (before)",
-            "mIoU clean (after)",
-            "mIoU under R (after)",
-            "mIoU under fresh R' (after)",
-            "mIoU clean (clean fine-tune control)",
-            "mIoU under R (clean fine-tune control)",
-            "success R (before)",
-            "success R (after)",
-            "success R' (after)",
-          ],
-          adv_rows,
-        ),
-      ),
-      (
-        "Issue bars (means over splits)",
-        report.markdown_table(
-          [
-            "group",
-            "success under R",
-            "success under noise",
-            "ratio (bar >= 5)",
-            "ratio ceiling (1 / noise success)",
-            "flip rate under R",
-            "flip rate under noise",
-            "flip ratio",
-            "mIoU recovered / taken (bar >= 0.5)",
-            "same, clean fine-tune control",
-            "clean-mIoU cost, points (bar <= 2)",
-            "same, vs control",
-          ],
-          bar_rows,
-        ),
-      ),
-      ("How to read the bars", _BAR_NOTES),
-      (
-        "Per-class IoU (mean over splits)",
-        report.markdown_table(
-          ["class", *per_class],
-          [[n, *[v[i] for v in per_class.values()]] for i, n in enumerate(names)],
-        ),
-      ),
-      ("Plots", plots),
-    ],
+  pair_names = [f"{src}->{tgt}" for src, tgt in s.pair_names]
+  evaluate = functools.partial(
+    evaluation.evaluate_under,
+    eval_step,
+    batch_size=s.train.eval_batch_size,
+    mesh=run.mesh,
+    pair_names=pair_names,
+    class_names=s.class_names,
   )
-  out = {
-    "experiment": EXPERIMENT,
-    "time_s": run.elapsed(),
-    "bars": bars,
-    "attack_success_train": {"before": before["success"], "after": after["success"]},
-    "metrics": {
-      cond: {s: {m: v for m, v in r.items() if m != "iou"} for s, r in per_split.items()}
-      for cond, per_split in results.items()
+  results = Results(report.EXPERIMENT)
+  for seed in s.seeds:
+    out = run_seed(seed, s, run, data, model, fns, evaluate, results)
+    if seed == s.seeds[0]:  # figures of the first seed
+      save_arrays(workdir, out["perts"], report.PERTURBATIONS)
+      save_arrays(
+        workdir, overlay_arrays(model, out["params"], data, out["perts"], s.overlay_images)
+      )
+  a, u = s.attack, s.unify
+  results.meta = {
+    "dataset": config.data.name,
+    "datasets": list(data["train"]),
+    "class_names": list(s.class_names),
+    "pairs": pair_names,
+    "overlay_splits": [next(iter(data[g])) for g in ("test", "heldout")],
+    "attack": {
+      "xi": a.xi,
+      "alpha": a.alpha,
+      "rounds": a.rounds,
+      "eps_round": a.eps_round,
+      "correct_pixels": a.correct_pixels,
+      "images_per_dataset": u.images_per_dataset,
+      "weight_mode": u.weight_mode,
+      "norm": u.norm,
     },
-    "rows": [
-      harness.summary_row(
-        "targeted success under R (held-out domain)",
-        bars["held-out domain"]["success_R"],
-        "noise control",
-        bars["held-out domain"]["success_noise"],
-      ),
-      harness.summary_row(
-        "targeted success under R (held-out images)",
-        bars["held-out images"]["success_R"],
-        "noise control",
-        bars["held-out images"]["success_noise"],
-      ),
-      harness.summary_row(
-        "mIoU under R after adv. training (held-out images)",
-        group_mean("adv R", held_in, "miou"),
-        "clean fine-tune control",
-        group_mean("control R", held_in, "miou"),
-      ),
-    ],
+    "tune": {
+      "gamma_scales": list(u.gamma_scales),
+      "eps_rs": list(u.eps_rs),
+      "val_images": {n: len(v["image"]) for n, v in data["val"].items()},
+    },
+    "ablation_attacks": list(s.ablation_attacks),
+    "adv_train": {"steps": s.adv_train.steps, "ratio": s.adv_train.ratio},
+    "time_s": run.elapsed(),
   }
-  harness.write_summary(run.workdir, out)
-  return out
+  results.save(workdir)
+  return report.write_report(results, workdir)

@@ -1,5 +1,7 @@
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -43,3 +45,31 @@ def test_processes_sharing_a_data_dir_prepare_it_once(tmp_path):
   assert [p.returncode for p in procs] == [0, 0, 0]
   assert outputs == ["40"] * 3
   assert not list((tmp_path / "street_scenes").glob("*incomplete*"))
+
+
+def test_declared_street_scenes_size_is_the_declared_config(tmp_path):
+  # The full-size configs ask for the declared 64/400/100 config; TFDS refuses a second config
+  # object with a declared config's name.
+  config = builders.street_scenes_config(64, 400, 100)
+  builder = builders.StreetScenes(config=config, data_dir=str(tmp_path))
+  assert builder.builder_config is builders.StreetScenes.BUILDER_CONFIGS[0]
+  assert builders.street_scenes_config(32, 8, 8).name == "s32_tr8_te8"
+
+
+def test_interrupted_preparation_is_cleaned_up_on_the_next_run(tmp_path):
+  code = (
+    "import sys; from research.data import builders; "
+    "builders.street_scenes_builder(16, 600, 2, data_dir=sys.argv[1])"
+  )
+  child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)])
+  deadline = time.monotonic() + 120
+  while not list((tmp_path / "street_scenes").glob("*/incomplete.*")):
+    assert child.poll() is None, "the preparation ended before it could be interrupted"
+    assert time.monotonic() < deadline
+    time.sleep(0.02)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert list((tmp_path / "street_scenes").glob("*/incomplete.*"))  # left behind by the kill
+  builder = builders.street_scenes_builder(16, 600, 2, data_dir=str(tmp_path))
+  assert len(builder.as_data_source()["rain_train"]) == 600
+  assert not list((tmp_path / "street_scenes").glob("*/incomplete.*"))

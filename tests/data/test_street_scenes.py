@@ -18,11 +18,26 @@ def test_same_seed_same_scene_and_domains_differ():
   assert np.abs(a["image"].astype(int) - night["image"].astype(int)).mean() > 10
 
 
-def test_shapes_and_dtypes(scenes):
-  s = scenes["day"]
-  assert s["image"].shape == (6, 48, 48, 3) and s["image"].dtype == np.uint8
-  assert s["semantic"].shape == (6, 48, 48) and s["semantic"].max() < ss.NUM_CLASSES
-  assert s["boxes"].shape == (6, ss.MAX_BOXES, 4)
+def test_boxes_are_the_tight_boxes_of_every_visible_instance(scenes):
+  # The box labels follow from the panoptic labels: one box per thing instance with at least
+  # MIN_VISIBLE_PIXELS visible pixels, tight around them, with the instance's class.
+  for s in scenes.values():
+    assert s["image"].dtype == np.uint8 and s["boxes"].shape[1:] == (ss.MAX_BOXES, 4)
+    for i in range(len(s["image"])):
+      panoptic = s["panoptic"][i]
+      expected = set()
+      for segment in np.unique(panoptic[panoptic % ss.PANOPTIC_DIVISOR > 0]):
+        ys, xs = np.nonzero(panoptic == segment)
+        if len(ys) >= ss.MIN_VISIBLE_PIXELS:
+          box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+          expected.add((box, int(ss.panoptic_category(segment))))
+      valid = s["box_valid"][i]
+      got = {
+        (tuple(int(v) for v in box), int(cls))
+        for box, cls in zip(s["boxes"][i][valid], s["box_classes"][i][valid])
+      }
+      assert len(expected) <= ss.MAX_BOXES and got == expected
+      assert not s["boxes"][i][~valid].any()
 
 
 def test_panoptic_ids_agree_with_semantic_and_things(scenes):

@@ -11,7 +11,7 @@ from research import config_checks, experiments
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
-  p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "sizes")
+  p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "sizes", "common")
 )
 
 
@@ -49,48 +49,78 @@ def test_validation_names_field_value_and_allowed():
     segmentation.validate(config)
 
 
-def test_main_runs_smoke_config_and_resumes(tmp_path):
-  env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+def test_main_runs_smoke_config_resumes_refuses_a_changed_config_and_restarts(tmp_path):
+  env = {
+    **os.environ,
+    "PYTHONPATH": str(ROOT),
+    "XLA_FLAGS": "",
+    "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  }
+  workdir = tmp_path / "run"
   cmd = [
     sys.executable,
     "-m",
     "launch.main",
     f"--config={ROOT}/configs/classification_digits.py:smoke",
-    f"--workdir={tmp_path}",
+    f"--workdir={workdir}",
     "--config.train.steps=3",
   ]
-  first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+  def run(*extra):
+    return subprocess.run(
+      cmd + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+
+  first = run()
   assert first.returncode == 0, first.stderr[-3000:]
-  summary = json.loads((tmp_path / "summary.json").read_text())
+  summary = json.loads((workdir / "summary.json").read_text())
   assert summary["rows"][0]["metric"] == "test accuracy"
-  assert (tmp_path / "report.md").exists() and (tmp_path / "plots" / "confusion.png").exists()
-  second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert (workdir / "report.md").exists() and (workdir / "plots" / "confusion.png").exists()
+  second = run()
   assert second.returncode == 0, second.stderr[-3000:]
   assert "first step" not in second.stderr  # resumed at step 3: nothing left to train
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
   assert sum('"phase": "train"' in line for line in lines) == 2  # logged at steps 2 and 3 once
 
+  changed = run("--config.optim.name=sgd")  # another optimizer state: another run's checkpoints
+  assert changed.returncode != 0
+  assert "CheckpointMismatchError: the checkpoint of step 3 in" in changed.stderr
+  assert "was written by another run" in changed.stderr and "--restart" in changed.stderr
+  restarted = run("--config.optim.name=sgd", "--restart")
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert "--restart: deleted 1 checkpoint folder(s)" in restarted.stderr
+  assert "first step" in restarted.stderr  # trained again from step 0
 
-def test_tpu_vm_dry_run_prints_the_plan():
-  out = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "launch.tpu_vm",
-      "--tpu=t1",
-      "--zone=z1",
-      "--dry_run",
-      "--config=configs/segmentation_street.py",
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=120,
+
+def test_second_run_on_a_workdir_fails_at_once(tmp_path):
+  hold = (
+    "import sys, time; from research.training import workdir_lock; "
+    "workdir_lock.acquire(sys.argv[1]); print('locked', flush=True); time.sleep(600)"
   )
-  assert out.returncode == 0, out.stderr
-  lines = out.stdout.strip().splitlines()
-  assert lines[0].startswith("gcloud compute tpus tpu-vm create t1 --zone=z1")
-  assert any(
-    "--worker=all" in line and "launch.main" in line and "--distributed" in line for line in lines
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": ""}
+  holder = subprocess.Popen(
+    [sys.executable, "-c", hold, str(tmp_path)], env=env, stdout=subprocess.PIPE, text=True
   )
-  assert lines[-1].endswith("runs/tpu --zone=z1 --worker=0")
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    second = subprocess.run(
+      [
+        sys.executable,
+        "-m",
+        "launch.main",
+        f"--config={ROOT}/configs/classification_digits.py:smoke",
+        f"--workdir={tmp_path}",
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+  finally:
+    holder.kill()
+    holder.wait()
+  assert second.returncode != 0
+  assert f"workdir {tmp_path} is in use by another run (pid {holder.pid})" in second.stderr
+  assert not (tmp_path / "metrics.jsonl").exists()  # it stopped before doing anything

@@ -1,51 +1,17 @@
 """Tests of research.long_tail.core (METHODS.md M3) against independent numpy references."""
 
 import functools
-import itertools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.special import logsumexp
+import references
 
 from research.long_tail import core
 
 MININGS = ("batch_hard", "batch_all", "soft_margin")
-
-# ----------------------------------------------------------------------------------------------
-# Brute-force references.
-
-
-def ref_triplet_loss(emb, labels, margin, mining, squared=False):
-  """Loops over every (a, p, n) triplet in float64.
-
-  Batch hard/soft margin: per anchor, the worst triplet loss (relu/softplus are monotone, so
-  this is the hardest positive against the hardest negative); mean over anchors with any
-  triplet. Batch all: mean over the triplets with loss > 0. 0 when there is nothing to average.
-  """
-  emb = np.asarray(emb, np.float64)
-  d = np.sqrt(((emb[:, None, :] - emb[None, :, :]) ** 2).sum(-1))
-  if squared:
-    d = d**2
-  per_anchor, active = [], []
-  for a in range(len(labels)):
-    losses = []
-    for p, n in itertools.product(range(len(labels)), repeat=2):
-      if p != a and labels[p] == labels[a] and labels[n] != labels[a]:
-        x = d[a, p] - d[a, n]
-        losses.append(np.logaddexp(0.0, x) if mining == "soft_margin" else max(x + margin, 0.0))
-    if losses:
-      per_anchor.append(max(losses))
-      active += [v for v in losses if v > 0]
-  values = active if mining == "batch_all" else per_anchor
-  return float(np.mean(values)) if values else 0.0
-
-
-def ref_ce(logits, labels):
-  logits = np.asarray(logits, np.float64)
-  return float(np.mean(logsumexp(logits, axis=1) - logits[np.arange(len(labels)), labels]))
 
 
 def random_batch(seed, batch=10, dim=4, num_classes=4):
@@ -72,7 +38,7 @@ def test_triplet_matches_brute_force(mining, squared, case):
   got = core.triplet_loss(
     jnp.asarray(emb), jnp.asarray(labels), mining=mining, margin=0.5, squared=squared
   )
-  want = ref_triplet_loss(emb, labels, 0.5, mining, squared)
+  want = references.triplet_loss(emb, labels, 0.5, mining, squared)
   assert want > 0
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -87,7 +53,7 @@ def test_triplet_valid_mask_equals_dropping_rows(mining):
   got = core.triplet_loss(
     jnp.asarray(emb), jnp.asarray(labels), mining=mining, margin=0.3, valid=jnp.asarray(valid)
   )
-  want = ref_triplet_loss(emb[:9], labels[:9], 0.3, mining)
+  want = references.triplet_loss(emb[:9], labels[:9], 0.3, mining)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -121,7 +87,10 @@ def test_triplet_grad_finite_when_embeddings_coincide(mining, squared):
   loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(emb))
   chex.assert_tree_all_finite((loss, grad))
   np.testing.assert_allclose(
-    loss, ref_triplet_loss(emb, np.asarray(labels), 0.3, mining, squared), rtol=1e-5, atol=1e-5
+    loss,
+    references.triplet_loss(emb, np.asarray(labels), 0.3, mining, squared),
+    rtol=1e-5,
+    atol=1e-5,
   )
   # Identical embeddings, too: everything at distance 0.
   grad_all_same = jax.grad(loss_fn)(jnp.ones((6, 3)))
@@ -265,10 +234,10 @@ def test_logit_adjusted_ce_against_numpy():
   labels = rs.randint(0, 4, 6)
   prior = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
   got = core.logit_adjusted_ce(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(prior), 1.5)
-  np.testing.assert_allclose(got, ref_ce(logits + 1.5 * prior, labels), rtol=1e-5)
+  np.testing.assert_allclose(got, references.cross_entropy(logits + 1.5 * prior, labels), rtol=1e-5)
   # tau = 0 is plain CE; a valid mask drops rows.
   got0 = core.logit_adjusted_ce(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(prior), 0.0)
-  np.testing.assert_allclose(got0, ref_ce(logits, labels), rtol=1e-5)
+  np.testing.assert_allclose(got0, references.cross_entropy(logits, labels), rtol=1e-5)
   masked = core.logit_adjusted_ce(
     jnp.asarray(logits),
     jnp.asarray(labels),
@@ -276,7 +245,9 @@ def test_logit_adjusted_ce_against_numpy():
     1.0,
     valid=jnp.arange(6) < 4,
   )
-  np.testing.assert_allclose(masked, ref_ce(logits[:4] + prior, labels[:4]), rtol=1e-5)
+  np.testing.assert_allclose(
+    masked, references.cross_entropy(logits[:4] + prior, labels[:4]), rtol=1e-5
+  )
   with pytest.raises(ValueError, match="tau=-1"):
     core.logit_adjusted_ce(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(prior), -1.0)
 
@@ -298,8 +269,8 @@ def test_dual_loss_against_numpy(mining):
     jnp.asarray(labels),
     head_valid=jnp.asarray(head_valid),
   )
-  ce = ref_ce(head_logits[:4], head_labels[:4])
-  tri = ref_triplet_loss(emb, labels, 0.4, mining)
+  ce = references.cross_entropy(head_logits[:4], head_labels[:4])
+  tri = references.triplet_loss(emb, labels, 0.4, mining)
   np.testing.assert_allclose(metrics["ce"], ce, rtol=1e-5)
   np.testing.assert_allclose(metrics["triplet"], tri, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(loss, 0.7 * ce + 2.0 * tri, rtol=1e-5, atol=1e-5)

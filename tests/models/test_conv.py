@@ -1,6 +1,8 @@
-"""The shifted-matmul weight gradient against XLA's and against a numpy loop."""
+"""The CPU convolution gradients (transposed-kernel input gradient, shifted-matmul weight
+gradient) against XLA's own and against numpy loops."""
 
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -33,6 +35,10 @@ def _ours(x, w, strides, padding):
     ((1, 7, 10, 5), (3, 3, 5, 6), (2, 1), "VALID"),
     ((2, 8, 8, 4), (1, 1, 4, 3), (2, 2), "SAME"),
     ((1, 6, 6, 2), (3, 3, 2, 2), (1, 1), ((2, 0), (1, 1))),
+    ((2, 8, 8, 24), (3, 3, 24, 32), (2, 2), "SAME"),  # wide: XLA's weight gradient
+    ((1, 9, 8, 20), (3, 3, 20, 5), (3, 2), "VALID"),  # stride leaves a remainder
+    ((1, 7, 7, 17), (1, 1, 17, 4), (2, 2), ((0, 0), (0, 0))),
+    ((1, 8, 8, 2), (3, 3, 2, 3), (2, 2), ((1, -1), (0, 1))),  # negative padding crops
   ],
 )
 def test_forward_and_gradients_equal_xla(shape, kernel, strides, padding):
@@ -64,21 +70,61 @@ def test_weight_gradient_matches_a_numpy_loop():
   assert lax.padtype_to_pads((5, 6), (3, 3), (2, 2), "SAME") == list(pads)
 
 
-def _uses_custom_vjp(x, w):
-  return "custom_vjp" in str(jax.make_jaxpr(lambda x, w: _ours(x, w, (1, 1), "SAME"))(x, w))
+def _jaxprs(x, w, **kwargs):
+  """Jaxprs of the forward pass and of both gradients of a stride-1 SAME convolution."""
+
+  def forward(x, w):
+    return conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, **kwargs)
+
+  backward = jax.grad(lambda x, w: jnp.sum(forward(x, w)), argnums=(0, 1))
+  return str(jax.make_jaxpr(forward)(x, w)), str(jax.make_jaxpr(backward)(x, w))
 
 
-def test_only_narrow_plain_convolutions_take_the_shifted_gradient():
+def test_plain_convolutions_take_the_custom_gradients():
   narrow = jnp.zeros((1, 4, 4, conv.MAX_SHIFTED_IN_CHANNELS))
   wide = jnp.zeros((1, 4, 4, conv.MAX_SHIFTED_IN_CHANNELS + 1))
-  assert _uses_custom_vjp(narrow, jnp.zeros((3, 3, narrow.shape[-1], 2)))
-  assert not _uses_custom_vjp(wide, jnp.zeros((3, 3, wide.shape[-1], 2)))
-  dilated = jax.make_jaxpr(
-    lambda x, w: conv.conv_general_dilated(
-      x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC
-    )
-  )(narrow, jnp.zeros((3, 3, narrow.shape[-1], 2)))
-  assert "custom_vjp" not in str(dilated)
+  narrow_forward, narrow_backward = _jaxprs(narrow, jnp.zeros((3, 3, narrow.shape[-1], 2)))
+  wide_forward, wide_backward = _jaxprs(wide, jnp.zeros((3, 3, wide.shape[-1], 2)))
+  assert "custom_vjp" in narrow_forward and "custom_vjp" in wide_forward
+  # Both input gradients flip and transpose the kernel; only the narrow one has tap matmuls.
+  assert "rev[" in narrow_backward and "rev[" in wide_backward
+  assert "dot_general" in narrow_backward and "dot_general" not in wide_backward
+  dilated_forward, _ = _jaxprs(narrow, jnp.zeros((3, 3, narrow.shape[-1], 2)), rhs_dilation=(2, 2))
+  assert "custom_vjp" not in dilated_forward
+
+
+def _input_grad_kernel_layouts(conv_fn):
+  """dim_labels of the convolutions XLA:CPU compiles for input gradients inside a fori_loop."""
+  x = jnp.zeros((2, 8, 8, 32))
+  w = jnp.zeros((3, 3, 32, 32))
+
+  def attack(x, w):
+    grad = jax.grad(lambda x: jnp.sum(conv_fn(x, w, (1, 1), "SAME") ** 2))
+    return lax.fori_loop(0, 3, lambda _, x: x - 0.1 * jnp.sign(grad(x)), x)
+
+  hlo = jax.jit(attack).lower(x, w).compile().as_text()
+  return set(re.findall(r"dim_labels=b01f_(\w+)->b01f", hlo))
+
+
+def test_input_gradient_inside_a_loop_uses_the_fast_kernel_layout():
+  """Issue 18: XLA's own transpose keeps an `01oi` kernel in a loop and runs ~10x slower."""
+  assert _input_grad_kernel_layouts(_ours) == {"01io"}
+  assert "01oi" in _input_grad_kernel_layouts(_lax_conv)  # the slow layout this avoids
+
+
+def test_input_gradient_matches_a_numpy_loop():
+  rng = np.random.default_rng(4)
+  x_shape, strides, pads = (1, 7, 6, 2), (2, 2), ((1, 1), (0, 1))
+  w = rng.normal(size=(3, 3, 2, 3)).astype(np.float32)
+  dy = rng.normal(size=(1, 4, 3, 3)).astype(np.float32)  # (7 + 2 - 3) // 2 + 1 = 4, 3
+  got = conv.transposed_input_gradient(jnp.asarray(dy), jnp.asarray(w), x_shape[1:3], strides, pads)
+  dx_pad = np.zeros((1, 7 + 2, 6 + 1, 2), np.float64)
+  for h in range(4):
+    for v in range(3):
+      for i in range(3):
+        for j in range(3):
+          dx_pad[0, 2 * h + i, 2 * v + j] += w[i, j] @ dy[0, h, v]
+  np.testing.assert_allclose(got, dx_pad[:, 1:8, 0:6], rtol=1e-5, atol=1e-5)
 
 
 def test_conv_module_has_the_parameters_of_nn_conv(rng):
@@ -103,7 +149,7 @@ def test_resnet_step_loss_and_gradients_equal_the_xla_reference(rng, monkeypatch
     return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, rng)[0]))(params)
 
   loss, grads = loss_and_grads()
-  monkeypatch.setattr(conv, "MAX_SHIFTED_IN_CHANNELS", 0)  # every conv takes XLA's gradient
+  monkeypatch.setattr(conv, "Conv", nn.Conv)  # every conv takes XLA's own gradients
   ref_loss, ref_grads = loss_and_grads()
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-6)

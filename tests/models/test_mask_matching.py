@@ -1,5 +1,7 @@
 """Tests of the Mask2Former matching, SetCriterion and panoptic inference against references."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,11 @@ from scipy.optimize import linear_sum_assignment
 
 from research.models import mask_matching as mm
 
-_hungarian_match = jax.jit(mm.hungarian_match)
+SOLVERS = ("optax", "scipy")
+
+
+def _hungarian_match(cost, valid, solver):
+  return jax.jit(functools.partial(mm.hungarian_match, solver=solver))(cost, valid)
 
 
 def _softmax(x):
@@ -46,12 +52,13 @@ def _random_targets(rng, num_targets, num_valid, num_classes, hw):
 # ---------------------------------------------------------------- hungarian_match
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
 @pytest.mark.parametrize("num_queries,num_targets", [(7, 4), (5, 5), (9, 1)])
-def test_hungarian_match_total_cost_equals_scipy(num_queries, num_targets):
+def test_hungarian_match_total_cost_equals_scipy(num_queries, num_targets, solver):
   rng = np.random.default_rng(num_queries * 10 + num_targets)
   for _ in range(3):
     cost = rng.normal(size=(num_queries, num_targets)).astype(np.float32)
-    query, matched = _hungarian_match(jnp.asarray(cost), jnp.ones(num_targets, bool))
+    query, matched = _hungarian_match(jnp.asarray(cost), jnp.ones(num_targets, bool), solver)
     query, matched = np.asarray(query), np.asarray(matched)
     rows, cols = linear_sum_assignment(cost)
     assert matched.all()
@@ -61,7 +68,8 @@ def test_hungarian_match_total_cost_equals_scipy(num_queries, num_targets):
     )
 
 
-def test_hungarian_match_padded_targets_do_not_change_valid_assignment():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_hungarian_match_padded_targets_do_not_change_valid_assignment(solver):
   rng = np.random.default_rng(1)
   num_queries, num_targets, num_valid = 6, 5, 3
   for _ in range(3):
@@ -69,7 +77,7 @@ def test_hungarian_match_padded_targets_do_not_change_valid_assignment():
     # Padded columns are tempting: very cheap or non-finite.
     cost[:, num_valid:] = rng.choice([-1e4, np.nan, -np.inf], size=(num_queries, 2))
     valid = np.arange(num_targets) < num_valid
-    query, matched = _hungarian_match(jnp.asarray(cost), jnp.asarray(valid))
+    query, matched = _hungarian_match(jnp.asarray(cost), jnp.asarray(valid), solver)
     query, matched = np.asarray(query), np.asarray(matched)
     np.testing.assert_array_equal(matched, valid)
     assert len(set(query.tolist())) == num_targets
@@ -79,13 +87,14 @@ def test_hungarian_match_padded_targets_do_not_change_valid_assignment():
     )
 
 
-def test_hungarian_match_more_valid_targets_than_queries_matches_q_valid_ones():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_hungarian_match_more_valid_targets_than_queries_matches_q_valid_ones(solver):
   rng = np.random.default_rng(2)
   num_queries, num_targets, num_valid = 3, 6, 5
   cost = rng.normal(size=(num_queries, num_targets)).astype(np.float32)
   cost[:, num_valid:] = -100.0
   valid = np.arange(num_targets) < num_valid
-  query, matched = _hungarian_match(jnp.asarray(cost), jnp.asarray(valid))
+  query, matched = _hungarian_match(jnp.asarray(cost), jnp.asarray(valid), solver)
   query, matched = np.asarray(query), np.asarray(matched)
   assert matched.sum() == num_queries
   assert not matched[num_valid:].any()
@@ -96,14 +105,16 @@ def test_hungarian_match_more_valid_targets_than_queries_matches_q_valid_ones():
   )
 
 
-def test_hungarian_match_under_jit_and_vmap_compiles_once():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_hungarian_match_under_jit_and_vmap_compiles_once(solver):
+  chex.clear_trace_counter()  # the counter is per function, across the parametrisation
   rng = np.random.default_rng(3)
   batch, num_queries, num_targets = 4, 6, 4
   costs = rng.normal(size=(batch, num_queries, num_targets)).astype(np.float32)
   valid = np.array([[True] * 4, [True, True, False, False], [True] * 3 + [False], [False] * 4])
 
   def batched_match(c, v):
-    return jax.vmap(mm.hungarian_match)(c, v)
+    return jax.vmap(functools.partial(mm.hungarian_match, solver=solver))(c, v)
 
   match = jax.jit(chex.assert_max_traces(batched_match, n=1))
   for _ in range(2):
@@ -119,6 +130,47 @@ def test_hungarian_match_under_jit_and_vmap_compiles_once():
     np.testing.assert_allclose(
       costs[b][query[b, cols], cols].sum(), costs[b][rows_ref, cols[cols_ref]].sum(), rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("num_queries,num_targets", [(8, 5), (4, 6)])
+def test_solvers_reach_the_same_cost_under_jit_and_nested_vmap(num_queries, num_targets):
+  """optax and scipy: equal assignment costs on [L, B, Q, T] padded problems (issue 18)."""
+  rng = np.random.default_rng(num_queries + num_targets)
+  layers, batch = 2, 3
+  costs = rng.normal(size=(layers, batch, num_queries, num_targets)).astype(np.float32)
+  costs[0, 0, 0] = costs[0, 0, 1]  # a tie: the two solvers may pick different assignments
+  valid = rng.random((batch, num_targets)) < 0.7
+  valid[0] = True
+  valid[1] = False
+
+  def match(solver):
+    one = functools.partial(mm.hungarian_match, solver=solver)
+    batched = jax.jit(jax.vmap(lambda c: jax.vmap(one)(c, jnp.asarray(valid))))
+    return [np.asarray(a) for a in batched(jnp.asarray(costs))]
+
+  results = {solver: match(solver) for solver in SOLVERS}
+  np.testing.assert_array_equal(results["optax"][1], results["scipy"][1])  # matched masks
+  for layer in range(layers):
+    for b in range(batch):
+      cols = np.flatnonzero(valid[b])
+      if not cols.size:
+        assert not results["scipy"][1][layer, b].any()
+        continue
+      rows_ref, cols_ref = linear_sum_assignment(costs[layer, b][:, cols])
+      best = costs[layer, b][rows_ref, cols[cols_ref]].sum()
+      for solver, (query, matched) in results.items():
+        picked = np.flatnonzero(matched[layer, b])
+        assert len(picked) == min(num_queries, len(cols)), solver
+        assert len(set(query[layer, b, picked].tolist())) == len(picked), solver
+        total = costs[layer, b][query[layer, b, picked], picked].sum()
+        np.testing.assert_allclose(total, best, rtol=1e-5, err_msg=solver)
+
+
+def test_resolve_solver():
+  assert mm.resolve_solver("auto") == ("scipy" if jax.default_backend() == "cpu" else "optax")
+  assert mm.resolve_solver("optax") == "optax"
+  with pytest.raises(ValueError, match="solver='lapjv' is not allowed"):
+    mm.resolve_solver("lapjv")
 
 
 def test_check_num_targets():
@@ -260,7 +312,8 @@ def test_mask_losses_without_targets_are_zero():
   np.testing.assert_array_equal([bce, dice], [0.0, 0.0])
 
 
-def test_set_criterion_loss_matches_numpy_with_scipy_matching():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_set_criterion_loss_matches_numpy_with_scipy_matching(solver):
   rng = np.random.default_rng(7)
   layers, batch, num_queries, num_targets, num_classes, hw = 2, 2, 5, 3, 3, (4, 4)
   class_logits = rng.normal(size=(layers, batch, num_queries, num_classes + 1))
@@ -271,7 +324,8 @@ def test_set_criterion_loss_matches_numpy_with_scipy_matching():
   valid = np.array([[True, True, True], [True, False, False]])
   w_class, w_bce, w_dice = 2.0, 5.0, 5.0
 
-  loss_and_grad = jax.jit(jax.value_and_grad(mm.set_criterion_loss, argnums=(0, 1), has_aux=True))
+  loss_fn = functools.partial(mm.set_criterion_loss, solver=solver)
+  loss_and_grad = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
   (loss, metrics), grads = loss_and_grad(
     jnp.asarray(class_logits),
     jnp.asarray(mask_logits),

@@ -14,8 +14,11 @@ from research.norm_selection import core
 # Brute-force references (Python loops and sorts, written from METHODS.md M2 step 3).
 
 
-def reference_select(norms, labels, mask, m, a=None):
-  """Per-class dict: the chosen set, and the upper / lower picks in their draw orders."""
+def reference_select(norms, labels, mask, m, a=None, mean_mask=None):
+  """Per-class dict: the chosen set, and the upper / lower picks in their draw orders.
+
+  The class mean is over `mean_mask` (default: every sample of the class, its original set).
+  """
   a = math.ceil(m / 2) if a is None else a
   out = {}
   for c in sorted(set(labels.tolist())):
@@ -23,7 +26,8 @@ def reference_select(norms, labels, mask, m, a=None):
     if not idx:
       out[c] = ([], [])
       continue
-    mu = sum(float(norms[i]) for i in idx) / len(idx)
+    over = [i for i in range(len(norms)) if labels[i] == c and (mean_mask is None or mean_mask[i])]
+    mu = sum(float(norms[i]) for i in over) / len(over)
     up = sorted([i for i in idx if norms[i] >= mu], key=lambda i: (norms[i], i))
     lo = sorted([i for i in idx if norms[i] < mu], key=lambda i: (-norms[i], i))
     n_up, n_lo = a, m - a
@@ -68,12 +72,14 @@ def random_problem(seed, num=60, num_classes=4, ties=False):
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 30])
-def test_select_per_class_matches_reference(seed, ties, m):
+@pytest.mark.parametrize("mean_over", ["original", "pool"])
+def test_select_per_class_matches_reference(seed, ties, m, mean_over):
   norms, labels, mask = random_problem(seed, ties=ties)
   gen = np.random.default_rng(seed + 100)
+  mean_mask = None if mean_over == "original" else mask
   for a in [None, 0, m, int(gen.integers(0, m + 1))]:
-    got = core.select_per_class(norms, labels, mask, m, a)
-    ref = reference_select(norms, labels, mask, m, a)
+    got = core.select_per_class(norms, labels, mask, m, a, mean_mask=mean_mask)
+    ref = reference_select(norms, labels, mask, m, a, mean_mask)
     assert got.dtype == np.int64
     assert len(set(got.tolist())) == got.size
     assert np.all(mask[got])
@@ -111,13 +117,18 @@ def test_select_per_class_hand_cases():
   assert sorted(got.tolist()) == [0, 1, 2, 3]
 
 
-def test_select_per_class_mean_is_over_current_candidates():
+def test_select_per_class_mean_is_over_the_original_set_by_default():
   norms = np.array([1.0, 2.0, 3.0, 100.0])
   labels = np.zeros(4, int)
-  # With all candidates the mean is 26.5: upper {3}; without sample 3 the mean is 2: upper {1,2}.
+  # With all candidates the mean is 26.5: upper {3}.
   assert core.select_per_class(norms, labels, np.ones(4, bool), m=1).tolist() == [3]
   mask = np.array([True, True, True, False])
-  assert core.select_per_class(norms, labels, mask, m=1).tolist() == [1]
+  # Sample 3 drawn already: the class set's mean stays 26.5 (nothing above it is left, the
+  # lower side fills from its top: 3); over the current pool the mean is 2 (upper {2, 3}: 2).
+  assert core.select_per_class(norms, labels, mask, m=1).tolist() == [2]
+  assert core.select_per_class(norms, labels, mask, m=1, mean_mask=mask).tolist() == [1]
+  with pytest.raises(ValueError, match=r"mean_mask with no sample of classes \[0\]"):
+    core.select_per_class(norms, labels, mask, m=1, mean_mask=np.zeros(4, bool))
 
 
 def test_select_per_class_random_ties_keep_the_rule():
@@ -210,17 +221,40 @@ def assert_same_partition(assign, truth):
 @pytest.mark.parametrize("seed", range(3))
 def test_kmeans_recovers_separated_clusters(seed):
   x, truth = blobs(seed)
-  assign = np.asarray(core.kmeans(jax.random.key(seed), x, 4, iters=10))
+  assign = np.asarray(core.kmeans(jax.random.key(seed), x, 4, n_init=1))
   chex.assert_shape(assign, (truth.size,))
   assert_same_partition(assign, truth)
 
 
-@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def inertia(x, assign):
+  return sum(((x[assign == j] - x[assign == j].mean(0)) ** 2).sum() for j in np.unique(assign))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kmeans_matches_scikit_learn_on_separable_blobs(seed):
+  sklearn_datasets = pytest.importorskip("sklearn.datasets")
+  sklearn_cluster = pytest.importorskip("sklearn.cluster")
+  x, truth = sklearn_datasets.make_blobs(
+    n_samples=300, centers=6, n_features=5, cluster_std=0.5, center_box=(-20, 20), random_state=seed
+  )
+  ours, centroids = core.kmeans(jax.random.key(seed), x, 6, return_centroids=True)
+  ours = np.asarray(ours)
+  theirs = sklearn_cluster.KMeans(6, n_init=10, random_state=seed).fit(x)
+  assert_same_partition(ours, theirs.labels_)  # the same clustering up to relabelling
+  assert_same_partition(ours, truth)
+  assert inertia(x, ours) == pytest.approx(theirs.inertia_, rel=1e-4)
+  # The same centroids, matched through the shared partition.
+  match = {int(a): int(b) for a, b in zip(ours, theirs.labels_, strict=True)}
+  for j in range(6):
+    np.testing.assert_allclose(centroids[j], theirs.cluster_centers_[match[j]], atol=1e-3)
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
 def test_kmeans_reaches_a_lloyd_fixed_point(init):
   # Overlapping blobs: the seeding alone is not a fixed point, Lloyd's iterations must get there.
   gen = np.random.default_rng(3)
   x = np.concatenate([gen.normal(loc=c, size=(20, 2)) for c in ([0, 0], [2.5, 0], [0, 2.5])])
-  assign = np.asarray(core.kmeans(jax.random.key(0), x, 3, iters=50, init=init))
+  assign = np.asarray(core.kmeans(jax.random.key(0), x, 3, init=init))
   means = np.stack([x[assign == j].mean(axis=0) for j in range(3)])
   nearest = np.argmin(((x[:, None, :] - means[None]) ** 2).sum(-1), axis=1)
   np.testing.assert_array_equal(nearest, assign)
@@ -228,9 +262,9 @@ def test_kmeans_reaches_a_lloyd_fixed_point(init):
 
 def test_kmeans_random_init_and_group_ids():
   x, truth = blobs(7)
-  assign = np.asarray(core.kmeans(jax.random.key(1), x, 4, iters=5, init="random"))
+  assign = np.asarray(core.kmeans(jax.random.key(1), x, 4, init="random"))
   assert assign.min() >= 0 and assign.max() < 4
-  again = np.asarray(core.kmeans(jax.random.key(1), x, 4, iters=5, init="random"))
+  again = np.asarray(core.kmeans(jax.random.key(1), x, 4, init="random"))
   np.testing.assert_array_equal(assign, again)
   groups = core.group_ids(embeddings=x, num_clusters=4, rng=jax.random.key(0))
   assert groups.dtype == np.int64
@@ -360,3 +394,9 @@ def test_bad_inputs_raise_clear_errors():
     core.kmeans(jax.random.key(0), np.zeros((4, 2)), 5)
   with pytest.raises(ValueError, match="init='best' is not allowed"):
     core.kmeans(jax.random.key(0), np.zeros((4, 2)), 2, init="best")
+  with pytest.raises(ValueError, match="n_init=0 is not allowed"):
+    core.kmeans(jax.random.key(0), np.zeros((4, 2)), 2, n_init=0)
+  with pytest.raises(ValueError, match="max_iterations=0 is not allowed"):
+    core.kmeans(jax.random.key(0), np.zeros((4, 2)), 2, max_iterations=0)
+  with pytest.raises(ValueError, match="mean_mask with shape"):
+    core.select_per_class(norms, labels, mask, 3, mean_mask=mask[:4])

@@ -16,6 +16,7 @@ _SINKHORN_FIELDS = (
   "relative_epsilon",
   "max_iterations",
   "min_iterations",
+  "inner_iterations",
   "threshold",
 )
 # Jitted once per setting (eager Sinkhorn dispatches op by op and is slow on the CPU here).
@@ -163,6 +164,81 @@ def test_fixed_iterations_under_vmap_and_jit():
     single, _ = _fmd(f, gs[i], max_iterations=50, min_iterations=50)
     np.testing.assert_allclose(dists[i], single, rtol=1e-5)
   np.testing.assert_allclose(dists, dists_again)
+
+
+def _numpy_sinkhorn_distance(cost, epsilon, iterations):
+  """``<P, C>`` after exactly ``iterations`` log-domain Sinkhorn iterations (g, then f)."""
+  n, m = cost.shape
+  f, g = np.zeros(n), np.zeros(m)
+
+  def lse(x, axis):
+    top = x.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+  for _ in range(iterations):
+    g = -epsilon * np.log(m) - epsilon * lse((f[:, None] - cost) / epsilon, axis=0)
+    f = -epsilon * np.log(n) - epsilon * lse((g[None, :] - cost) / epsilon, axis=1)
+  return np.sum(np.exp((f[:, None] + g[None, :] - cost) / epsilon) * cost)
+
+
+@pytest.mark.parametrize("iterations", [1, 7, 14, 15, 23, 40])
+@pytest.mark.parametrize("inner", ["experiment", 1])
+def test_fixed_iteration_count_is_exact(iterations, inner):
+  """Issue 15 item 4: a fixed count runs exactly that many iterations (15 used to run 14)."""
+  if inner == "experiment":  # the inner block size research/ot_perturbation/experiment.py picks
+    block = min(10, iterations)
+    inner = block if iterations % block == 0 else 1
+  f, g = _features(20, 8, 4), _features(21, 9, 4)
+  dist, aux = _fmd(
+    jnp.asarray(f),
+    jnp.asarray(g),
+    epsilon=0.02,  # relative to the mean cosine cost: converges slowly enough to count
+    max_iterations=iterations,
+    min_iterations=iterations,
+    inner_iterations=inner,
+    threshold=1.0,  # converged from the first check: only the fixed count may stop it
+  )
+  cost = _numpy_cost(f, g, "cosine")
+  epsilon = 0.02 * cost.mean()
+  want = _numpy_sinkhorn_distance(cost, epsilon, iterations)
+  one_fewer = _numpy_sinkhorn_distance(cost, epsilon, iterations - 1)
+  assert int(aux["n_iters"]) == iterations
+  assert abs(want - one_fewer) > 2e-4 * want  # the check below tells the counts apart
+  np.testing.assert_allclose(dist, want, rtol=5e-5)
+  assert bool(aux["converged"])  # the marginal error of the last iterate is below 1.0
+
+
+@pytest.mark.parametrize("iterations", [3, 25])
+def test_fixed_count_solver_equals_autodiff_through_ott(iterations):
+  """The written-out backward of the fixed count equals jax.grad through ott's iterations."""
+  from ott.geometry import geometry
+  from ott.problems.linear import linear_problem
+  from ott.solvers.linear import sinkhorn
+
+  f = jnp.asarray(_features(30, 12, 5))
+  g = jnp.asarray(_features(31, 10, 5))
+
+  def ott_distance(g):
+    costs = core.cost_matrix(f, g)
+    epsilon = 0.05 * jax.lax.stop_gradient(costs.mean())
+    solver = sinkhorn.Sinkhorn(  # one block of exactly `iterations`, ott's while_loop backward
+      min_iterations=0, max_iterations=iterations, inner_iterations=iterations, implicit_diff=None
+    )
+    out = solver(linear_problem.LinearProblem(geometry.Geometry(costs, epsilon=epsilon)))
+    return jnp.sum(out.matrix * costs), out.matrix
+
+  def ours(g):
+    dist, aux = core.feature_matching_distance(
+      f, g, max_iterations=iterations, min_iterations=iterations, inner_iterations=1
+    )
+    return dist, aux["plan"]
+
+  (d_ref, plan_ref), grad_ref = jax.jit(jax.value_and_grad(ott_distance, has_aux=True))(g)
+  (d, plan), grad = jax.jit(jax.value_and_grad(ours, has_aux=True))(g)
+  np.testing.assert_allclose(d, d_ref, rtol=1e-5)
+  np.testing.assert_allclose(plan, plan_ref, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-5 * np.abs(grad_ref).max())
+  assert np.abs(grad_ref).max() > 1e-3
 
 
 @pytest.mark.parametrize("kind", core.COST_KINDS)

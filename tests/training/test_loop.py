@@ -57,7 +57,7 @@ def _run(workdir, num_steps=12, kill_at=None, loss_fn=_loss, poison_from=None):
       checkpoint_every=4,
       log_every=4,
       on_step_end=kill,
-    )
+    ).state
   finally:
     ckpt.close()
   return jax.device_get(s.params), ckpt

@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from research.models.resnet import ResNet
-from research.training import parallel, state, steps
+from research.training import loop, parallel, state, steps
+from research.training.checkpoint import Checkpointer
 
 
 def _setup(rng, num_classes=3):
@@ -50,6 +52,70 @@ def test_nonfinite_loss_records_first_bad_step(rng):
   for scale in (1.0, 1.0, 0.0, 1.0):
     s, _ = step(s, {"x": jnp.ones(2), "scale": jnp.asarray(scale)}, rng)
   assert int(s.nonfinite_step) == 2
+
+
+@jax.custom_vjp
+def _nan_gradient_if(x, poison):
+  """Identity whose gradient is NaN where `poison` > 0: a finite loss with a NaN gradient."""
+  del poison
+  return x
+
+
+def _nan_gradient_fwd(x, poison):
+  return x, poison
+
+
+def _nan_gradient_bwd(poison, g):
+  return jnp.where(poison > 0, jnp.nan, g), jnp.zeros_like(poison)
+
+
+_nan_gradient_if.defvjp(_nan_gradient_fwd, _nan_gradient_bwd)
+
+
+def _poisonable_loss(params, batch, rng):
+  del rng
+  w = _nan_gradient_if(params["w"], jnp.max(batch["poison"]))
+  return jnp.mean((batch["x"] @ w - 1.0) ** 2), {}
+
+
+def _poison_batch(poison):
+  return {"x": np.ones((4, 2), np.float32), "poison": np.full(4, poison, np.float32)}
+
+
+def test_finite_loss_with_nan_gradient_records_the_step(rng):
+  tx = optax.sgd(0.1)
+  step = jax.jit(functools.partial(steps.train_step, loss_fn=_poisonable_loss, tx=tx))
+  s = state.create_train_state({"w": jnp.zeros(2)}, tx)
+  losses = []
+  for poison in (0, 0, 1, 0):
+    s, metrics = step(s, _poison_batch(poison), rng)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses[:3]))  # the bad step's loss is finite, its gradient is not
+  assert int(s.nonfinite_step) == 2
+
+
+def test_nan_gradient_just_before_a_checkpoint_keeps_the_last_good_one(tmp_path):
+  tx = optax.sgd(0.1)
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  step = parallel.compile_train_step(
+    functools.partial(steps.train_step, loss_fn=_poisonable_loss, tx=tx), mesh
+  )
+  s = parallel.replicate(state.create_train_state({"w": jnp.zeros(2)}, tx), mesh)
+  ckpt = Checkpointer(str(tmp_path))
+  with pytest.raises(loop.NonFiniteLossError, match="non-finite at step 7;") as err:
+    loop.train_loop(
+      s,
+      step,
+      lambda i: parallel.shard_batch(_poison_batch(i == 7), mesh),  # step 8 is checkpointed
+      jax.random.key(0),
+      num_steps=12,
+      checkpointer=ckpt,
+      checkpoint_every=4,
+      log_every=4,
+    )
+  ckpt.close()
+  assert "last good checkpoint is step 4" in str(err.value)
+  assert Checkpointer(str(tmp_path)).all_steps() == [4]
 
 
 def test_confusion_counts_against_numpy(rng):

@@ -12,46 +12,57 @@ import tensorflow_datasets as tfds
 from configs import uap_cityscapes, uap_street
 from research import config_checks
 from research.models.resnet import Segmenter
-from research.uap_segmentation import core, experiment
+from research.study.results import Results
+from research.uap_segmentation import core, evaluation, experiment, report
 from research.uap_segmentation import data as uap_data
+from research.uap_segmentation.settings import Settings
 
 
 def test_street_smoke_end_to_end(tmp_path):
-  summary = experiment.train_and_evaluate(uap_street.get_config("smoke"), str(tmp_path))
+  config = uap_street.get_config("smoke")
+  summary = experiment.train_and_evaluate(config, str(tmp_path))
   assert len(summary["rows"]) == 3
   for row in summary["rows"]:
     assert 0.0 <= row["value"] <= 1.0 and 0.0 <= row["baseline_value"] <= 1.0
   metrics = summary["metrics"]
-  assert set(metrics) == {
-    "clean",
-    "R",
-    "noise",
-    "adv clean",
-    "adv R",
-    "adv R'",
-    "control clean",
-    "control R",
-  }
+  assert set(metrics) == {report.label(a, c) for a, c in experiment.EVALUATIONS}
   # The control trains the same steps on clean images only, so its parameters differ.
   held_in = summary["bars"]["held-out images"]
-  assert (tmp_path / "clean_finetune_checkpoints").exists()
+  assert (tmp_path / "seed0_clean_finetune_checkpoints").exists()
   assert held_in["success_ratio_ceiling"] * held_in["success_noise"] == pytest.approx(1.0)
   assert metrics["control R"] != metrics["adv R"]
+  assert metrics["control R'"] != metrics["adv R'"]  # each model has its own fresh R'
   assert set(metrics["clean"]) == {
     "day (held-out images)",
     "dusk (held-out images)",
     "fog (held-out images)",
     "night (held-out domain)",
   }
+  # gamma and eps_r were chosen from the grid on the validation split only.
+  chosen = summary["chosen"]["0"]
+  assert chosen["gamma_scale"] in config.tune.gamma_scales and chosen["eps_r"] in config.tune.eps_rs
+  results = Results.load(tmp_path)
+  tuned = {r.split for r in results.records if r.condition.startswith("gamma=")}
+  assert tuned == {"day (validation)", "dusk (validation)", "fog (validation)"}
+  claims = {c["claim"] for c in summary["comparisons"]}
+  assert "claim 5: random term in every round" in claims
+  assert "claims 3/7: random term in R" in claims
   assert json.loads((tmp_path / "summary.json").read_text())["experiment"] == "uap_segmentation"
   for name in ("perturbations.png", "overlays.png", "per_class_iou.png"):
     assert (tmp_path / "plots" / name).exists()
-  report = (tmp_path / "report.md").read_text()
-  assert "noise control" in report and "Per-class IoU" in report
+  text = (tmp_path / "report.md").read_text()
+  assert "noise control" in text and "Per-class IoU" in text and "Paired verdicts" in text
   perts = np.load(tmp_path / "perturbations.npz")
-  xi = uap_street.get_config("smoke").attack.xi
+  xi = config.attack.xi
   assert np.max(np.abs(perts["R"])) <= xi + 1e-7
   np.testing.assert_allclose(np.abs(perts["noise"]), np.max(np.abs(perts["R"])), rtol=1e-6)
+  # R and R without its random term differ only by that term.
+  assert not np.allclose(perts["R"], perts[report.R_NO_RANDOM])
+  # The report is rebuilt from the saved results alone, to the same text and summary.
+  (tmp_path / "report.md").unlink()
+  rebuilt = report.write_report(Results.load(tmp_path), str(tmp_path))
+  assert (tmp_path / "report.md").read_text() == text
+  assert json.dumps(rebuilt, default=str) == json.dumps(summary, default=str)
 
 
 def test_cityscapes_smoke_end_to_end_on_mock_data(tmp_path):
@@ -92,18 +103,55 @@ def _street(**changes):
     ({"data.image_size": 31}, r"config.data.image_size=\(31, 31\) is not allowed"),
     ({"attack.weight_mode": "best"}, "config.attack.weight_mode='best' is not allowed"),
     ({"adv_train.ratio": 1.5}, r"config.adv_train.ratio=1.5 is not allowed"),
+    ({"attack.eps_round": -0.1}, r"config.attack.eps_round=-0.1 is not allowed"),
+    ({"attack.correct_pixels": "tgt"}, "config.attack.correct_pixels='tgt' is not allowed"),
+    ({"tune.gamma_scales": (1.0, 0.0)}, r"config.tune.gamma_scales=\(1.0, 0.0\) is not allowed"),
+    ({"tune.gamma_scales": ()}, r"config.tune.gamma_scales=\(\) is not allowed"),
+    ({"tune.eps_rs": (-0.01,)}, r"config.tune.eps_rs=\(-0.01,\) is not allowed"),
+    ({"tune.val_per_dataset": 0}, "config.tune.val_per_dataset=0 is not allowed"),
+    ({"num_seeds": 0}, "config.num_seeds=0 is not allowed"),
+    ({"ablation_attacks": ("gamma",)}, r"config.ablation_attacks=\('gamma',\) is not allowed"),
+    (
+      {"attack.eps_round": 0.0, "ablation_attacks": ("eps_round",)},
+      "config.attack.eps_round=0 is not allowed with it",
+    ),
   ],
 )
 def test_config_errors_name_field_and_value(changes, match):
   with pytest.raises(config_checks.ConfigError, match=match):
-    experiment.validate(_street(**changes))
+    Settings.from_config(_street(**changes))
+
+
+def test_seeds_follow_seed_and_num_seeds():
+  settings = Settings.from_config(_street(seed=5, num_seeds=3))
+  assert settings.seeds == (5, 6, 7)
+  assert settings.attack.eps_round > 0 and settings.attack.correct_pixels == "all"
+  assert all(e > 0 for e in settings.unify.eps_rs)  # claims 3/7: R's random term on by default
+
+
+def test_carve_validation_moves_the_last_images_out_of_training():
+  def arrays(n, start):
+    return {
+      "image": np.arange(start, start + n, dtype=np.uint8)[:, None, None, None]
+      * np.ones((1, 2, 2, 3), np.uint8),
+      "semantic": np.zeros((n, 2, 2), np.uint8),
+    }
+
+  data = {"train": {"a": arrays(5, 0), "b": arrays(2, 10)}, "test": {}, "train_all": None}
+  out = uap_data.carve_validation(data, 3)
+  assert out["val"]["a"]["image"][:, 0, 0, 0].tolist() == [2, 3, 4]
+  assert out["train"]["a"]["image"][:, 0, 0, 0].tolist() == [0, 1]
+  assert out["val"]["b"]["image"][:, 0, 0, 0].tolist() == [11]  # one training image stays
+  assert out["train_all"]["image"][:, 0, 0, 0].tolist() == [0, 1, 10]
+  seen = set(out["train_all"]["image"][:, 0, 0, 0].tolist())
+  assert not seen & {v for d in out["val"].values() for v in d["image"][:, 0, 0, 0].tolist()}
 
 
 def test_cityscapes_config_needs_a_resize():
   config = uap_cityscapes.get_config("smoke")
   config.data.resize = ()
   with pytest.raises(config_checks.ConfigError, match=r"config.data.resize=\(\) is not allowed"):
-    experiment.validate(config)
+    Settings.from_config(config)
 
 
 def test_different_image_sizes_across_datasets_fail():
@@ -131,7 +179,7 @@ def test_resize_images_shape_dtype_and_constant_colour():
 
 def test_sign_noise_like_has_the_same_linf_norm(rng):
   r = np.asarray(jax.random.uniform(rng, (8, 8, 3), minval=-0.02, maxval=0.03))
-  noise = experiment.sign_noise_like(jax.random.key(1), r)
+  noise = evaluation.sign_noise_like(jax.random.key(1), r)
   np.testing.assert_allclose(np.abs(noise), np.max(np.abs(r)), rtol=1e-6)
   assert 0.3 < np.mean(noise > 0) < 0.7
 
@@ -146,7 +194,7 @@ def test_perturbed_eval_step_matches_numpy_counts(rng):
   params = model.init(params_rng, jnp.zeros((1, 8, 8, 3)))["params"]
   pairs = np.array([[1, 0], [3, 2]], np.int32)
   valid = np.array([True, True, False])
-  out = experiment.perturbed_eval_step(
+  out = evaluation.perturbed_eval_step(
     (params, jnp.asarray(pert)),
     {"image": images, "semantic": labels, "valid": valid},
     model=model,

@@ -1,7 +1,8 @@
-"""Run reports: `report.md` with tables, and PNG plots people would rather look at than read."""
+"""Figures people would rather look at than read, saved as PNG through `save_figure`."""
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -11,38 +12,26 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from etils import epath  # noqa: E402
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  """A GitHub-markdown table; floats are printed with 4 significant digits."""
+def save_figure(fig: Any, path: str | epath.Path) -> str:
+  """Saves a matplotlib figure as PNG at `path` (any `etils.epath` location), closes it.
 
-  def cell(v: Any) -> str:
-    if isinstance(v, float | np.floating):
-      return "nan" if np.isnan(v) else f"{v:.4g}"
-    return str(v)
+  Args:
+    fig: the figure.
+    path: the file to write; its folder is created.
 
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def write_report(workdir: str, title: str, sections: Sequence[tuple[str, str]]) -> str:
-  """Writes `<workdir>/report.md` from (heading, markdown body) sections; returns its path."""
-  os.makedirs(workdir, exist_ok=True)
-  parts = [f"# {title}", ""]
-  for heading, body in sections:
-    parts += [f"## {heading}", "", body, ""]
-  path = os.path.join(workdir, "report.md")
-  with open(path, "w") as f:
-    f.write("\n".join(parts))
-  return path
-
-
-def _save(fig, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100, bbox_inches="tight")
+  Returns:
+    the path written, as a string.
+  """
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
   plt.close(fig)
-  return path
+  path.write_bytes(buffer.getvalue())
+  return os.fspath(path)
 
 
 def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str) -> str:
@@ -67,7 +56,7 @@ def plot_confusion(confusion: np.ndarray, class_names: Sequence[str], path: str)
           fontsize=7,
           color="white" if norm[i, j] > 0.5 else "black",
         )
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_bars(
@@ -83,7 +72,7 @@ def plot_bars(
   ax.set_ylabel(ylabel)
   if n > 1:
     ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def class_palette(num_classes: int) -> np.ndarray:
@@ -111,7 +100,7 @@ def plot_segmentation_rows(
         p = np.asarray(panels[c])
         ax.imshow(colourise(p, num_classes) if p.ndim == 2 else p)
     axes[r, 0].set_title(title, fontsize=8, loc="left")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_curves(
@@ -130,4 +119,4 @@ def plot_curves(
   ax.set_ylabel(ylabel)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
-  return _save(fig, path)
+  return save_figure(fig, path)

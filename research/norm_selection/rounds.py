@@ -6,13 +6,17 @@ whether the number of remaining samples meets a preset condition; if not, draw m
 each classified sample set by norm value, add them to the first training set, train again, and
 go back to testing".
 
-Everything here is pure host-side numpy except ``run_selection_loop``, which calls the
-caller's training, prediction and selection callables. A ``SelectionState`` converts to a
-flat dict of numpy arrays and ints (``state_to_dict``) for checkpointing; the driver resumes
-from a restored state at the round where it stopped.
+Everything here is pure host-side numpy except ``run_selection_loop`` and ``run_budget_loop``,
+which call the caller's training, prediction and selection callables. With deterministic
+callables a loop is a pure function of its start state, so a driver resumes a killed run by
+running the loop again and letting ``train_fn`` restore the rounds already trained (the M2
+experiment does this with one ``fit`` phase per round).
 
 Label budget: the budget counts training-set samples (labels used for training). Step 5's
-correctness test reads the labels of the pool, as the patent does (its sample set is labelled).
+correctness test reads the labels of the pool, as the patent does (its sample set is labelled);
+those reads are counted apart (``label_reads``: every read, repeats included; ``labels_seen``:
+distinct samples whose label was used or read), since the equal-budget baselines never read a
+pool label.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from research.norm_selection import core
+
+DRAW_RULES = ("norm", "random")
+MEAN_OVER = ("original", "pool")
 
 STOP_REASONS = (
   "pool_empty",
@@ -41,13 +49,14 @@ ROUND_RECORD_KEYS = (
   "num_tested",
   "num_correct",
   "num_remaining",
+  "label_reads",
+  "labels_seen",
 )
-_HISTORY_PREFIX = "history."
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SelectionState:
-  """State of the selection loop between rounds (host-side numpy; compare via ``state_to_dict``).
+  """State of the selection loop between rounds (host-side numpy, compared field by field).
 
   Attributes:
     labels: ``[N]`` int64 true class labels (Step 5's correctness test).
@@ -57,6 +66,8 @@ class SelectionState:
     train_indices: ``[T]`` int64 training-set indices in the order they were added, distinct.
     remaining: ``[N]`` bool, True for samples still in the pool (neither drawn nor removed).
     removed: ``[N]`` bool, True for pool samples removed as correctly classified (Step 5).
+    read: ``[N]`` bool, True for samples whose label Step 5 has read (tested in the pool).
+    label_reads: pool labels read by Step 5 so far, one per sample and round (repeats count).
     round: number of completed rounds (draw + train + test).
     history: one record per completed round: ``ROUND_RECORD_KEYS`` ints plus the caller's
       evaluation metrics (floats).
@@ -69,6 +80,8 @@ class SelectionState:
   train_indices: np.ndarray
   remaining: np.ndarray
   removed: np.ndarray
+  read: np.ndarray
+  label_reads: int = 0
   round: int = 0
   history: tuple[dict[str, Any], ...] = ()
   stop_reason: str | None = None
@@ -107,12 +120,45 @@ def initial_state(labels, *, groups=None, num_groups=None, pool_mask=None) -> Se
     train_indices=np.zeros((0,), np.int64),
     remaining=pool.copy(),
     removed=np.zeros(labels.shape, bool),
+    read=np.zeros(labels.shape, bool),
   )
+
+
+def group_pool(
+  labels, images, grouping: str, num_clusters=None, rng=None, num_classes=None
+) -> tuple[np.ndarray, int]:
+  """Group ids of the pool (METHODS.md M2 step 1): labels, or k-means of pixel vectors.
+
+  Args:
+    labels: ``[N]`` class labels.
+    images: ``[N, H, W, C]`` uint8 images (their pixel vectors are clustered).
+    grouping: ``'labels'`` or ``'kmeans'`` (``core.kmeans``, ott-jax).
+    num_clusters: k of the k-means grouping.
+    rng: PRNG key of the k-means grouping.
+    num_classes: the number of classes of the labels grouping (default ``max(labels) + 1``).
+
+  Returns:
+    ``([N] int64 group ids, G)``; empty k-means clusters are dropped and the rest renumbered
+    densely to ``[0, G)``.
+  """
+  if grouping == "labels":
+    return core.validate_class_ids(labels, num_classes)
+  pixels = np.asarray(images).reshape(len(labels), -1).astype(np.float32) / 255.0
+  ids = core.group_ids(None, embeddings=pixels, num_clusters=num_clusters, rng=rng)
+  _, dense = np.unique(ids, return_inverse=True)
+  return dense.astype(np.int64), int(dense.max()) + 1
 
 
 def pool_indices(state: SelectionState) -> np.ndarray:
   """``[P]`` int64 indices of the remaining pool, ascending (the order ``predict_fn`` sees)."""
   return np.flatnonzero(state.remaining).astype(np.int64)
+
+
+def original_pool(state: SelectionState) -> np.ndarray:
+  """``[N]`` bool, the pool the loop started from (training set + removed + remaining)."""
+  original = state.remaining | state.removed
+  original[state.train_indices] = True
+  return original
 
 
 def add_samples(state: SelectionState, new_indices) -> SelectionState:
@@ -171,7 +217,8 @@ def remove_correct(state: SelectionState, predictions_on_pool) -> SelectionState
       (argmax), for ``pool_indices(state)`` in that order.
 
   Returns:
-    The state with correct pool samples moved from ``remaining`` to ``removed``.
+    The state with correct pool samples moved from ``remaining`` to ``removed``, every pool
+    sample marked ``read`` and ``label_reads`` grown by the pool size.
 
   Raises:
     ValueError: predictions not aligned with the pool.
@@ -186,10 +233,17 @@ def remove_correct(state: SelectionState, predictions_on_pool) -> SelectionState
       f"be [P] class ids or [P, K] scores for the P={pool.size} remaining pool samples"
     )
   correct = pool[preds == state.labels[pool]]
-  remaining, removed = state.remaining.copy(), state.removed.copy()
+  remaining, removed, read = state.remaining.copy(), state.removed.copy(), state.read.copy()
   remaining[correct] = False
   removed[correct] = True
-  return dataclasses.replace(state, remaining=remaining, removed=removed)
+  read[pool] = True  # step 5 reads the label of every sample it tests
+  return dataclasses.replace(
+    state,
+    remaining=remaining,
+    removed=removed,
+    read=read,
+    label_reads=state.label_reads + int(pool.size),
+  )
 
 
 def _optional_count(name: str, value, minimum: int) -> None:
@@ -268,9 +322,7 @@ def stop_reason(
   if max_remaining_per_class is not None and np.all(left <= max_remaining_per_class):
     return "max_remaining_per_class"
   if max_remaining_fraction is not None:
-    original = state.remaining | state.removed
-    original[state.train_indices] = True
-    original_left = np.bincount(state.groups[original], minlength=state.num_groups)
+    original_left = np.bincount(state.groups[original_pool(state)], minlength=state.num_groups)
     if np.all(left <= max_remaining_fraction * original_left):
       return "max_remaining_fraction"
   return None
@@ -305,29 +357,101 @@ def truncate_per_class(indices, groups, max_count: int) -> np.ndarray:
   return indices[keep]
 
 
-def norm_select_fn(norms, m: int, a=None) -> Callable[[SelectionState, Any], np.ndarray]:
+def _check_choice(name: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ValueError(f"{name}={value!r} is not allowed: {name} must be one of {allowed}")
+
+
+def norm_select_fn(
+  norms, m: int, a=None, mean_over: str = "original"
+) -> Callable[[SelectionState, Any], np.ndarray]:
   """The method's ``select_fn`` for ``run_selection_loop``: ``core.select_per_class`` on the pool.
 
-  METHODS.md M2 steps 3 and 7: up to ``m`` samples per group, nearest the group's mean norm
-  over its current pool.
+  METHODS.md M2 steps 3 and 7: up to ``m`` samples per group from its remaining pool, nearest
+  the group's mean norm.
 
   Args:
     norms: ``[N]`` norm values (``core.norm_values``).
     m: samples per group and round.
     a: samples from the upper side (default ``ceil(m / 2)``).
+    mean_over: ``'original'`` (default): each group's mean norm over its original pool (the
+      patent's "mean norm value of the classified sample set", fixed over the rounds);
+      ``'pool'``: over its current remaining pool (recomputed every round).
 
   Returns:
     ``select_fn(state, params) -> indices`` (``params`` unused).
+
+  Raises:
+    ValueError: unknown ``mean_over``.
   """
+  _check_choice("mean_over", mean_over, MEAN_OVER)
   norms = np.asarray(norms)
 
   def select_fn(state: SelectionState, params) -> np.ndarray:
     del params  # The norm rule does not depend on the model.
+    mean_mask = original_pool(state) if mean_over == "original" else state.remaining
     return core.select_per_class(
-      norms, state.groups, state.remaining, m, a, num_classes=state.num_groups
+      norms, state.groups, state.remaining, m, a, num_classes=state.num_groups, mean_mask=mean_mask
     )
 
   return select_fn
+
+
+def random_select_fn(m: int, rng: jax.Array) -> Callable[[SelectionState, Any], np.ndarray]:
+  """The ablation's ``select_fn``: ``m`` per group uniformly at random from the remaining pool.
+
+  Issue 16's control for the norm rule: the same loop (steps 4-7, correct samples removed)
+  with step 3's norm ranking replaced by a class-balanced random draw
+  (``core.select_class_balanced_random``), a fresh draw each round from
+  ``fold_in(rng, state.round)``.
+
+  Args:
+    m: samples per group and round.
+    rng: PRNG key of the loop (e.g. per seed).
+
+  Returns:
+    ``select_fn(state, params) -> indices`` (``params`` unused).
+  """
+
+  def select_fn(state: SelectionState, params) -> np.ndarray:
+    del params
+    key = jax.random.fold_in(rng, state.round)
+    return core.select_class_balanced_random(
+      state.groups, state.remaining, m, key, num_classes=state.num_groups
+    )
+
+  return select_fn
+
+
+def draw_select_fn(
+  draw_rule: str, *, norms, m: int, a=None, mean_over: str = "original", rng=None
+) -> Callable[[SelectionState, Any], np.ndarray]:
+  """``select_fn`` of a loop by its draw rule: ``'norm'`` (step 3) or ``'random'`` (ablation).
+
+  Args:
+    draw_rule: one of ``DRAW_RULES``.
+    norms: ``[N]`` norm values (unused by ``'random'``).
+    m: samples per group and round.
+    a: samples from the upper side (``'norm'`` only).
+    mean_over: ``'original'`` or ``'pool'`` (``'norm'`` only; see ``norm_select_fn``).
+    rng: PRNG key, needed by ``'random'``.
+
+  Raises:
+    ValueError: unknown ``draw_rule``, or ``'random'`` without ``rng``.
+  """
+  _check_choice("draw_rule", draw_rule, DRAW_RULES)
+  if draw_rule == "norm":
+    return norm_select_fn(norms, m, a, mean_over)
+  if rng is None:
+    raise ValueError("rng=None is not allowed with draw_rule='random': the draw needs a key")
+  return random_select_fn(m, rng)
+
+
+def labels_seen(state: SelectionState) -> int:
+  """Distinct samples whose label the loop used (training set) or read (Step 5's tests)."""
+  seen = state.read.copy()
+  seen[state.train_indices] = True
+  return int(seen.sum())
 
 
 def _round_record(state, num_new, num_tested, num_correct, metrics) -> dict[str, Any]:
@@ -338,6 +462,8 @@ def _round_record(state, num_new, num_tested, num_correct, metrics) -> dict[str,
     "num_tested": int(num_tested),
     "num_correct": int(num_correct),
     "num_remaining": int(state.remaining.sum()),
+    "label_reads": int(state.label_reads),
+    "labels_seen": labels_seen(state),
   }
   clash = sorted(set(metrics) & set(record))
   if clash:
@@ -349,17 +475,28 @@ def _round_record(state, num_new, num_tested, num_correct, metrics) -> dict[str,
   return record
 
 
+def _train_round(state, new, train_fn, params, warm_start):
+  """Adds the draw to the training set and trains: ``(state after the draw, new params)``."""
+  state = add_samples(state, new)
+  return state, train_fn(state, params if warm_start else None)
+
+
+def _close_round(state, num_new, num_tested, num_correct, eval_fn, params) -> SelectionState:
+  """Records the round (with ``eval_fn``'s metrics) and counts it as completed."""
+  metrics = eval_fn(params) if eval_fn is not None else {}
+  record = _round_record(state, num_new, num_tested, num_correct, metrics)
+  return dataclasses.replace(state, round=state.round + 1, history=(*state.history, record))
+
+
 def run_selection_loop(
   state: SelectionState,
   *,
   select_fn: Callable[[SelectionState, Any], Any],
-  train_fn: Callable[[np.ndarray, Any], Any],
+  train_fn: Callable[[SelectionState, Any], Any],
   predict_fn: Callable[[Any, np.ndarray], Any],
   stop_kwargs: Mapping[str, Any] | None = None,
-  params=None,
   warm_start: bool = True,
   eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
-  on_round_end: Callable[[SelectionState, Any], None] | None = None,
 ) -> tuple[SelectionState, Any]:
   """Runs selection rounds until a stop condition holds.
 
@@ -368,68 +505,51 @@ def run_selection_loop(
   (``truncate_per_class``); the samples join the training set; ``train_fn`` trains (step 4,
   warm-started from the previous round's params by default, from scratch when
   ``warm_start=False``); ``predict_fn`` tests the remaining pool and the correct samples are
-  removed (step 5); the round is recorded, ``stop_reason`` is checked (step 6, only after a
-  round, so the first training set is always trained on) and ``on_round_end`` runs.
+  removed (step 5); the round is recorded and ``stop_reason`` is checked (step 6, only after a
+  round, so the first training set is always trained on).
 
-  Resuming: ``on_round_end(state, params)`` sees the state after the round, stop reason
-  included; checkpoint ``state_to_dict(state)`` and ``params`` there, and pass the restored
-  state and params back in: the loop continues with the next round and, with deterministic
-  callables, ends in the same state as an uninterrupted run. A state that already has a stop
-  reason is returned unchanged. The callables must be deterministic functions of their
-  arguments for this (derive per-round keys from ``state.round``, e.g. with
-  ``jax.random.fold_in``).
+  The callables must be deterministic functions of their arguments (derive per-round keys
+  from ``state.round``, e.g. with ``jax.random.fold_in``): the loop is then a pure function of
+  ``state``, which is what lets a driver resume a killed run by running it again.
 
   Args:
-    state: the state to start from (``initial_state`` or a restored mid-loop state).
+    state: the state to start from (``initial_state``).
     select_fn: ``(state, params) -> [S] indices`` from the remaining pool, each group's picks
       in priority order (``params`` is None before the first training); e.g.
       ``norm_select_fn``, or a ``core`` baseline wrapped likewise.
-    train_fn: ``(train_indices [T], warm_params or None) -> params``.
+    train_fn: ``(state, warm_params or None) -> params``; ``state`` is the state after the
+      round's draw: ``state.train_indices`` ``[T]`` is the training set and this is round
+      ``state.round + 1``.
     predict_fn: ``(params, indices [P]) -> [P] class ids or [P, K] scores``.
     stop_kwargs: keyword arguments of ``stop_reason``; ``label_budget`` also caps every draw.
-    params: the params of the last completed round when resuming (required for a warm start
-      from a state with ``round > 0``).
     warm_start: pass the previous params to ``train_fn`` (default) or None (from scratch).
     eval_fn: optional ``params -> {name: float}`` metrics (e.g. test accuracy), stored in the
       round record under the same keys every round.
-    on_round_end: optional ``(state, params) -> None`` hook after every completed round.
 
   Returns:
     ``(final state, params of the last round)``.
 
   Raises:
-    ValueError: bad ``stop_kwargs``, a missing warm-start ``params`` on resume, or a draw that
-      is not in the pool.
+    ValueError: bad ``stop_kwargs`` or a draw that is not in the pool.
   """
   stop_kwargs = dict(stop_kwargs or {})
   validate_stop_kwargs(**stop_kwargs)
-  if state.stop_reason is not None:
-    return state, params
-  if warm_start and state.round > 0 and params is None:
-    raise ValueError(
-      f"params=None is not allowed when resuming at round {state.round} with warm_start=True: "
-      "pass the params checkpointed with the state (or warm_start=False)"
-    )
   label_budget = stop_kwargs.get("label_budget")
+  params = None
   while True:
     new = np.asarray(select_fn(state, params), np.int64)
     if label_budget is not None:
       new = truncate_per_class(new, state.groups, label_budget - state.train_indices.size)
     if new.size == 0:
       return dataclasses.replace(state, stop_reason="selection_empty"), params
-    state = add_samples(state, new)
-    params = train_fn(state.train_indices, params if warm_start else None)
+    state, params = _train_round(state, new, train_fn, params, warm_start)
     pool = pool_indices(state)
     predictions = predict_fn(params, pool) if pool.size else np.zeros((0,), np.int64)
     num_removed = int(state.removed.sum())
     state = remove_correct(state, predictions)
     num_correct = int(state.removed.sum()) - num_removed
-    metrics = eval_fn(params) if eval_fn is not None else {}
-    record = _round_record(state, new.size, pool.size, num_correct, metrics)
-    state = dataclasses.replace(state, round=state.round + 1, history=(*state.history, record))
+    state = _close_round(state, new.size, pool.size, num_correct, eval_fn, params)
     state = dataclasses.replace(state, stop_reason=stop_reason(state, **stop_kwargs))
-    if on_round_end is not None:
-      on_round_end(state, params)
     if state.stop_reason is not None:
       return state, params
 
@@ -439,11 +559,9 @@ def run_budget_loop(
   *,
   budgets: Sequence[int],
   select_fn: Callable[[SelectionState, Any, int], Any],
-  train_fn: Callable[[np.ndarray, Any], Any],
-  params=None,
+  train_fn: Callable[[SelectionState, Any], Any],
   warm_start: bool = True,
   eval_fn: Callable[[Any], Mapping[str, float]] | None = None,
-  on_round_end: Callable[[SelectionState, Any], None] | None = None,
 ) -> tuple[SelectionState, Any]:
   """Runs a baseline's rounds at given label budgets (the equal-budget comparison of M2).
 
@@ -451,27 +569,25 @@ def run_budget_loop(
   loop reached. Round ``r`` draws ``budgets[r] - len(train set)`` samples from the pool with
   ``select_fn`` (cut to that count), trains and evaluates. Unlike ``run_selection_loop`` no
   sample is removed from the pool for being classified correctly: a baseline may draw any
-  sample not yet in its training set. Resuming works as in ``run_selection_loop`` (the round
-  index picks the budget).
+  sample not yet in its training set. The callables must be deterministic, as there.
 
   Args:
-    state: the state to start from (``initial_state`` or a restored one).
+    state: the state to start from (``initial_state``).
     budgets: strictly increasing label budgets (ints >= 1), one per round.
     select_fn: ``(state, params, num_select) -> [S] indices`` from the pool, in priority order;
       ``params`` is None before the first training.
-    train_fn: ``(train_indices [T], warm_params or None) -> params``.
-    params: the params of the last completed round when resuming.
+    train_fn: ``(state after the draw, warm_params or None) -> params``, as in
+      ``run_selection_loop``.
     warm_start: pass the previous params to ``train_fn`` (default) or None.
     eval_fn: optional ``params -> {name: float}`` metrics stored in each round record.
-    on_round_end: optional ``(state, params) -> None`` hook after every completed round.
 
   Returns:
     ``(final state, params of the last round)``; the stop reason is ``'label_budget'`` after
     the last budget, ``'pool_empty'`` when nothing is left to draw.
 
   Raises:
-    ValueError: budgets not strictly increasing positive ints, a missing warm-start ``params``
-      on resume, or a draw that is not in the pool.
+    ValueError: budgets not strictly increasing positive ints, or a draw that is not in the
+      pool.
   """
   budgets = [int(b) for b in budgets]
   if not budgets or budgets[0] < 1 or any(b <= a for a, b in zip(budgets, budgets[1:])):
@@ -479,83 +595,12 @@ def run_budget_loop(
       f"budgets={budgets} is not allowed: budgets must be a non-empty, strictly increasing "
       "list of ints >= 1"
     )
-  if state.stop_reason is not None:
-    return state, params
-  if warm_start and state.round > 0 and params is None:
-    raise ValueError(
-      f"params=None is not allowed when resuming at round {state.round} with warm_start=True: "
-      "pass the params checkpointed with the state (or warm_start=False)"
-    )
+  params = None
   while state.round < len(budgets):
     need = budgets[state.round] - state.train_indices.size
     if not state.remaining.any():
       return dataclasses.replace(state, stop_reason="pool_empty"), params
     new = np.asarray(select_fn(state, params, need), np.int64)[: max(need, 0)]
-    state = add_samples(state, new)
-    params = train_fn(state.train_indices, params if warm_start else None)
-    metrics = eval_fn(params) if eval_fn is not None else {}
-    record = _round_record(state, new.size, 0, 0, metrics)
-    state = dataclasses.replace(state, round=state.round + 1, history=(*state.history, record))
-    if state.round == len(budgets):
-      state = dataclasses.replace(state, stop_reason="label_budget")
-    if on_round_end is not None:
-      on_round_end(state, params)
-  return state, params
-
-
-def state_to_dict(state: SelectionState) -> dict[str, np.ndarray | int]:
-  """A flat dict of numpy arrays and ints (for Orbax or ``np.savez``).
-
-  The history becomes one array per record key, ``'history.<key>'``, one entry per round; the
-  stop reason is its index in ``STOP_REASONS`` (-1 for None).
-
-  Raises:
-    ValueError: history records with differing keys.
-  """
-  keys = list(state.history[0]) if state.history else list(ROUND_RECORD_KEYS)
-  for record in state.history:
-    if sorted(record) != sorted(keys):
-      raise ValueError(
-        f"history record keys {sorted(record)} are not allowed: every round must record the "
-        f"same keys {sorted(keys)}"
-      )
-  out: dict[str, np.ndarray | int] = {
-    "labels": state.labels,
-    "groups": state.groups,
-    "num_groups": int(state.num_groups),
-    "train_indices": state.train_indices,
-    "remaining": state.remaining,
-    "removed": state.removed,
-    "round": int(state.round),
-    "stop_reason": -1 if state.stop_reason is None else STOP_REASONS.index(state.stop_reason),
-  }
-  for key in keys:
-    column = [record[key] for record in state.history]
-    dtype = np.int64 if key in ROUND_RECORD_KEYS else np.float64
-    out[_HISTORY_PREFIX + key] = np.asarray(column, dtype)
-  return out
-
-
-def state_from_dict(data: Mapping[str, Any]) -> SelectionState:
-  """Inverse of ``state_to_dict`` (accepts arrays where ints were stored, as restored)."""
-  columns = {
-    key[len(_HISTORY_PREFIX) :]: np.asarray(value)
-    for key, value in data.items()
-    if key.startswith(_HISTORY_PREFIX)
-  }
-  num_records = len(columns["round"]) if "round" in columns else 0
-  history = tuple(
-    {key: column[i].item() for key, column in columns.items()} for i in range(num_records)
-  )
-  code = int(data["stop_reason"])
-  return SelectionState(
-    labels=np.asarray(data["labels"], np.int64),
-    groups=np.asarray(data["groups"], np.int64),
-    num_groups=int(data["num_groups"]),
-    train_indices=np.asarray(data["train_indices"], np.int64),
-    remaining=np.asarray(data["remaining"], bool),
-    removed=np.asarray(data["removed"], bool),
-    round=int(data["round"]),
-    history=history,
-    stop_reason=None if code < 0 else STOP_REASONS[code],
-  )
+    state, params = _train_round(state, new, train_fn, params, warm_start)
+    state = _close_round(state, new.size, 0, 0, eval_fn, params)
+  return dataclasses.replace(state, stop_reason="label_budget"), params
