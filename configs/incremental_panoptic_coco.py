@@ -2,11 +2,15 @@
 
 Args: None (full), 'demo' or 'smoke'. Needs `coco/2017_panoptic` prepared in `data.data_dir`
 (`tfds build coco/2017_panoptic --data_dir=DIR --file_format=array_record`, which needs
-TensorFlow to construct the builder); records come through `catalogue.coco_panoptic_example`
-and are resized to `image_size` by `research.data.panoptic.coco_panoptic_arrays` (tested on
-synthetic records of that shape, not via tfds mock data, because the TFDS coco builder needs
-TensorFlow).
-TFDS labels: 0-79 things, 80-132 stuff. Old: all stuff and things 0-59; new: things 60-79.
+TensorFlow to construct the builder). Records are read one at a time through
+`catalogue.coco_panoptic_example`, resized to `image_size` for training (targets built image by
+image; an image with more than `max_segments` segments keeps its largest, the others are
+counted in the report), and PQ is computed against each validation label map at its original
+resolution. Tested end to end on synthetic records of that shape (tests/incremental_panoptic).
+TFDS labels: 0-79 things, 80-132 stuff, learnt in this order.
+Task splits in CoMFormer's style: `data.class_steps="100-50"` (default: classes 0-99, then
+100-132) or `"100-10"` (0-99, then 10 more per step: 100-109, 110-119, 120-129, 130-132), e.g.
+`--config.data.class_steps=100-10`; any `"B-K"` or an explicit tuple of tuples works.
 """
 
 from configs import incremental_panoptic_street, sizes
@@ -23,8 +27,7 @@ def get_config(arg=None):
     num_test=sizes.pick(size, full=5000, demo=500, smoke=8),
     num_classes=133,
     thing_classes=tuple(range(80)),
-    old_classes=tuple(range(60)) + tuple(range(80, 133)),
-    new_classes=tuple(range(60, 80)),
+    class_steps="100-50",
     step0_fraction=0.5,
     max_segments=64,
   )
@@ -39,4 +42,5 @@ def get_config(arg=None):
   )
   config.step0.steps = sizes.pick(size, full=20000, demo=1000, smoke=2)
   config.step1.steps = sizes.pick(size, full=5000, demo=300, smoke=2)
+  config.method.min_component_area = sizes.pick(size, full=4, demo=2, smoke=2)
   return config

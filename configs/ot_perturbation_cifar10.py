@@ -20,4 +20,5 @@ def get_config(arg=None):
   config.ot.ascent_steps = sizes.pick(size, full=2, demo=1, smoke=1)
   config.attack.steps = sizes.pick(size, full=10, demo=5, smoke=1)
   config.attack.alpha = 2.0 / 255.0
+  config.attack.ot_group_size = sizes.pick(size, full=128, demo=32, smoke=8)
   return config

@@ -24,7 +24,12 @@ def get_config(arg=None):
     log_every=(100, 25, 1),
     checkpoint_every=(500, 75, 2),
     loss_threshold=0.02,
+    convergence_batch_size=(128, 64, 8),
   )
-  config.attack = dict(steps=sizes.pick(size, full=10, demo=5, smoke=1), alpha=config.ot.alpha)
+  config.attack = dict(
+    steps=sizes.pick(size, full=10, demo=5, smoke=1),
+    alpha=config.ot.alpha,
+    ot_group_size=sizes.pick(size, full=64, demo=32, smoke=8),
+  )
   config.eval = dict(top_k=1)
   return config

@@ -14,13 +14,16 @@ def method_config(task, num_seeds, *, eps, alpha, ascent_steps, size):
   config.experiment = "ot_perturbation"
   config.task = task
   config.seed = 0
-  config.trainings = ("clean", "ot", "pgd")
+  # clean-only, this method (initial_set as below), this method redrawing its perturbed set
+  # every step (ablation), PGD adversarial training.
+  config.trainings = ("clean", "ot", "ot_redraw", "pgd")
   config.num_seeds = common.by_size(size, num_seeds)
   config.ot = dict(
     eps=common.by_size(size, eps),
     alpha=common.by_size(size, alpha),
     ascent_steps=common.by_size(size, ascent_steps),
     perturbation="uniform",
+    initial_set="fixed",  # step 2's perturbed set drawn once per image, before the loop.
     vectors="pooled",
     target_set="ascent",
     num_candidates=4,
@@ -36,10 +39,10 @@ def get_config(arg=None):
   size = sizes.parse(arg)
   config = method_config(
     "detection",
-    (3, 3, 1),
+    (5, 5, 1),
     eps=4.0 / 255.0,
     alpha=4.0 / 255.0,  # one full-eps step, as Feature Scattering takes.
-    ascent_steps=(2, 2, 1),
+    ascent_steps=(2, 1, 1),
     size=size,
   )
   config.data = dict(
@@ -47,9 +50,9 @@ def get_config(arg=None):
     data_dir="",
     image_size=sizes.pick(size, full=64, demo=32, smoke=32),
     domains=("day",),
-    train_per_domain=sizes.pick(size, full=400, demo=200, smoke=8),
+    train_per_domain=sizes.pick(size, full=400, demo=800, smoke=8),
     test_per_domain=sizes.pick(size, full=400, demo=200, smoke=8),
-    max_test_examples=sizes.pick(size, full=400, demo=192, smoke=8),
+    max_test_examples=sizes.pick(size, full=400, demo=200, smoke=8),  # all test images
   )
   config.model = dict(
     stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, head_channels=32
@@ -57,16 +60,22 @@ def get_config(arg=None):
   config.optim = common.adam(size, warmup_steps=(50, 10, 0))
   config.train = common.train(
     size,
-    steps=(2000, 120, 2),
+    steps=(2000, 300, 2),
     batch_size=(32, 16, 8),
     eval_batch_size=(64, 48, 8),
-    log_every=(50, 20, 1),
-    checkpoint_every=(500, 60, 2),
+    log_every=(50, 25, 1),
+    checkpoint_every=(500, 100, 2),
+    # Step 7 for every arm: its own target loss at the current parameters on the first
+    # `convergence_batch_size` training images, at every log point, against this threshold.
     loss_threshold=0.05,
+    convergence_batch_size=(64, 64, 8),
   )
   config.attack = dict(
     steps=sizes.pick(size, full=10, demo=3, smoke=1),
     alpha=sizes.pick(size, full=1.0 / 255.0, demo=2.0 / 255.0, smoke=2.0 / 255.0),
+    # Test images matched together by the OT attack (padding rows weigh 0): the training
+    # batch's size, so the attack matches over as many images as the method trains with.
+    ot_group_size=sizes.pick(size, full=32, demo=16, smoke=8),
   )
   config.eval = dict(top_k=sizes.pick(size, full=100, demo=50, smoke=20))
   return config

@@ -141,20 +141,22 @@ def bench_step(repeats: int, iters: int) -> dict:
   params = jax.device_get(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, s, s, 3)))["params"])
   hist = parallel.replicate(params, mesh)
   steps = {
-    v: fine_tuning.compile_step(settings, model, tx, settings.loss_spec(v), settings.step1, mesh)
+    v: fine_tuning.compile_step(settings, model, tx, settings.loss_spec(v), mesh)
     for v in ("method", "naive")
   }
   key = jax.random.key(1)
+  old_mask = settings.old_class_mask(1)
+  schedule = fine_tuning.schedule_array(settings.step1)
   states = {}
   start = time.perf_counter()
   for v, step in steps.items():
     states[v] = parallel.replicate(state.create_train_state(params, tx), mesh)
-    states[v], m = step(states[v], hist, batch, key)
+    states[v], m = step(states[v], hist, old_mask, schedule, batch, key)
     jax.block_until_ready(m)
   compile_s = time.perf_counter() - start
 
   def run(v):
-    states[v], m = steps[v](states[v], hist, batch, key)
+    states[v], m = steps[v](states[v], hist, old_mask, schedule, batch, key)
     jax.block_until_ready(m)
 
   times = {v: [] for v in steps}

@@ -178,17 +178,21 @@ def train_steps(repeats: int) -> dict:
   tx = state.make_optimizer(config.optim, 10)
   train_state = state.create_train_state(params, tx)
   n = config.train.batch_size
-  batch = {k: data["train"][k][:n] for k in task.batch_keys(settings.task)}
+  batch = {k: data["train"][k][:n] for k in task.train_batch_keys(settings.task)}
   fns = {}
-  for training in TRAININGS:
+  for arm in TRAININGS:
+    training, initial_set = task.arm_training(arm, spec)
     step = jax.jit(
       functools.partial(
-        task.perturbation_train_step, model=model, tx=tx, spec=spec, training=training
+        task.perturbation_train_step,
+        model=model,
+        tx=tx,
+        spec=spec,
+        training=training,
+        initial_set=initial_set,
       )
     )
-    fns[training] = functools.partial(
-      lambda s: jax.block_until_ready(s(train_state, batch, rng)), step
-    )
+    fns[arm] = functools.partial(lambda s: jax.block_until_ready(s(train_state, batch, rng)), step)
   timing = _timed(fns, repeats)
   clean = timing["clean"]["median_s"]
   return {

@@ -25,6 +25,7 @@ BINARIZE_THRESHOLD = 0.5
 OVERLAP_RULES = ("drop_matched", "remove_true_pixels", "drop_matched_true_wins")
 WEIGHTINGS = ("one_minus_no_object", "none", "squared")
 REDUCTIONS = ("mean", "weighted_mean")
+KD_FORMS = ("fold_new_into_no_object", "log_softmax_all")
 # Finite stand-in for -inf: excluded classes get probability exactly 0 without NaN gradients.
 _EXCLUDED_LOGIT = -1e9
 
@@ -68,6 +69,43 @@ def check_class_split(
   return mask
 
 
+def check_class_steps(class_steps: Sequence[Sequence[int]], num_classes: int) -> None:
+  """Validates the classes of each incremental step (step 0 first); raises ``ValueError``.
+
+  Every step must name at least one class, every id must be an int in ``[0, num_classes)``,
+  no class may appear twice (in one step or two) and together the steps must cover every
+  class, so that each class is learnt in exactly one step. At least two steps are needed.
+  """
+  steps = [list(s) for s in class_steps]
+  if len(steps) < 2:
+    raise ValueError(
+      f"class_steps={steps} is not allowed: give step 0 and at least one incremental step"
+    )
+  seen: dict[int, int] = {}
+  for t, ids in enumerate(steps):
+    if not ids:
+      raise ValueError(f"class_steps[{t}]=[] is not allowed: every step needs a new class")
+    bad = [i for i in ids if not isinstance(i, (int, np.integer)) or not 0 <= i < num_classes]
+    if bad:
+      raise ValueError(
+        f"class_steps[{t}]={ids} is not allowed: classes {bad} are unknown (ids must be "
+        f"ints in [0, num_classes={num_classes}))"
+      )
+    for i in ids:
+      if i in seen:
+        raise ValueError(
+          f"class_steps[{t}]={ids} is not allowed: class {i} is also in class_steps"
+          f"[{seen[i]}]; each class is learnt in exactly one step"
+        )
+      seen[i] = t
+  missing = sorted(set(range(num_classes)) - set(seen))
+  if missing:
+    raise ValueError(
+      f"class_steps={steps} is not allowed: classes {missing} are in no step; every class "
+      f"in [0, {num_classes}) must be learnt in one step"
+    )
+
+
 def check_pseudo_label_config(
   *,
   match_iou: float,
@@ -76,6 +114,7 @@ def check_pseudo_label_config(
   min_area_ratio: float,
   query_score_threshold: float,
   overlap_rule: str,
+  min_component_area: int = 0,
 ) -> None:
   """Validates the pseudo-label settings (METHODS.md M4 step 3); raises ``ValueError``."""
   for name, value in (
@@ -90,6 +129,10 @@ def check_pseudo_label_config(
     raise ValueError(f"max_owners={max_owners!r} is not allowed: max_owners must be an int >= 1")
   if overlap_rule not in OVERLAP_RULES:
     raise ValueError(f"overlap_rule={overlap_rule!r} is not allowed: use one of {OVERLAP_RULES}")
+  if not isinstance(min_component_area, int) or min_component_area < 0:
+    raise ValueError(
+      f"min_component_area={min_component_area!r} is not allowed: must be an int >= 0"
+    )
 
 
 def _check_shapes(hist_class_logits, hist_mask_logits, true_masks, true_valid, old_class_mask):
@@ -196,20 +239,62 @@ def drop_matched_masks(
   return selected & ~matched
 
 
+def component_sizes(masks: jax.Array) -> jax.Array:
+  """Size of the 4-connected component each pixel belongs to, per mask.
+
+  Labels are propagated (each on-pixel takes the smallest label among itself and its on
+  neighbours) until nothing changes, inside ``lax.while_loop``, so it runs under jit and vmap.
+
+  Args:
+    masks: bool ``[Q, H, W]``.
+
+  Returns:
+    int32 ``[Q, H, W]``: the pixel count of the pixel's component, 0 off the mask.
+  """
+  q, h, w = masks.shape
+  big = h * w
+  start = jnp.where(masks, jnp.arange(big, dtype=jnp.int32).reshape(1, h, w), big)
+
+  def shifted(labels):
+    pad = jnp.pad(labels, ((0, 0), (1, 1), (1, 1)), constant_values=big)
+    vertical = jnp.minimum(pad[:, :-2, 1:-1], pad[:, 2:, 1:-1])
+    return jnp.minimum(vertical, jnp.minimum(pad[:, 1:-1, :-2], pad[:, 1:-1, 2:]))
+
+  def body(carry):
+    labels, _ = carry
+    new = jnp.where(masks, jnp.minimum(labels, shifted(labels)), big)
+    return new, jnp.any(new != labels)
+
+  labels, _ = jax.lax.while_loop(lambda c: c[1], body, (start, jnp.array(True)))
+  flat = labels.reshape(q, big)
+  counts = jax.vmap(lambda x: jnp.zeros((big + 1,), jnp.int32).at[x].add(1))(flat)
+  sizes = jnp.take_along_axis(counts, flat, axis=1)
+  return jnp.where(masks, sizes.reshape(q, h, w), 0)
+
+
 def remove_noisy_pixels(
-  mask_probs: jax.Array, keep: jax.Array, noise_threshold: float = 0.5
+  mask_probs: jax.Array, keep: jax.Array, noise_threshold: float = 0.5, min_component_area: int = 0
 ) -> jax.Array:
   """Removes noisy pixels from the kept masks (METHODS.md M4 step 3).
+
+  Two rules, both applied: pixels with probability below ``noise_threshold`` are noise (a
+  threshold above the binarisation threshold 0.5 removes the uncertain rim of a mask); then
+  4-connected pieces of what is left with fewer than ``min_component_area`` pixels are noise
+  (specks away from the object).
 
   Args:
     mask_probs: ``[Q, H, W]`` mask probabilities.
     keep: bool ``[Q]`` kept queries.
     noise_threshold: pixels with probability ``< noise_threshold`` are noise.
+    min_component_area: components with fewer pixels are removed (0 or 1: none).
 
   Returns:
-    bool ``[Q, H, W]``: ``prob >= noise_threshold`` for kept queries, all False otherwise.
+    bool ``[Q, H, W]``, all False for queries not kept.
   """
-  return (mask_probs >= noise_threshold) & keep[:, None, None]
+  masks = (mask_probs >= noise_threshold) & keep[:, None, None]
+  if min_component_area > 1:
+    masks = masks & (component_sizes(masks) >= min_component_area)
+  return masks
 
 
 def remove_true_pixels(masks: jax.Array, true_masks: jax.Array, true_valid: jax.Array) -> jax.Array:
@@ -283,6 +368,7 @@ def old_class_pseudo_labels(
   min_area_ratio: float = 0.5,
   query_score_threshold: float = 0.0,
   overlap_rule: str = "drop_matched",
+  min_component_area: int = 0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Pseudo labels for old classes from the historical prediction (METHODS.md M4 step 3).
 
@@ -295,15 +381,16 @@ def old_class_pseudo_labels(
        ``overlap_rule='drop_matched_true_wins'``: both, so that the union of true and pseudo
        labels stays one panoptic labelling (every pixel has at most one owner, the true one
        where there is one), as ``max_owners=1`` asks among the pseudo masks.
-    3. :func:`remove_noisy_pixels`: pixels with mask prob ``< noise_threshold`` are removed.
+    3. :func:`remove_noisy_pixels`: pixels with mask prob ``< noise_threshold`` are removed,
+       then 4-connected pieces smaller than ``min_component_area`` pixels.
     4. :func:`resolve_overlaps` with pixel confidence ``max-class-prob x mask-prob``.
     5. :func:`filter_by_area`: delete empty masks and those with
        ``final count / original count < min_area_ratio``, where the *original* count is the
        pixel count of the binarised historical mask (``prob >= 0.5``) before steps 2-4 (the
        patent's "first number": pixels of the predicted target mask with the preset mask
-       value; this is also Mask2Former's ``original_area``). With the default
-       ``noise_threshold=0.5`` noise removal equals binarisation, so only the true-mask
-       handling of step 2 and the overlap resolution of step 4 can shrink a mask.
+       value; this is also Mask2Former's ``original_area``). (This function's own defaults,
+       ``noise_threshold=0.5`` and ``min_component_area=0``, switch noise removal off; the
+       experiment's config sets 0.7 and 2.)
 
   Args:
     hist_class_logits: ``[Q, C + 1]`` historical class logits.
@@ -317,6 +404,7 @@ def old_class_pseudo_labels(
     min_area_ratio: minimal final / original pixel-count ratio.
     query_score_threshold: extra minimal class probability of a selected query.
     overlap_rule: one of ``OVERLAP_RULES``.
+    min_component_area: connected pieces of a kept mask below this pixel count are noise.
 
   Returns:
     ``(pseudo_masks [Q, H, W] bool, pseudo_classes [Q] int32, pseudo_valid [Q] bool)``,
@@ -330,6 +418,7 @@ def old_class_pseudo_labels(
     min_area_ratio=min_area_ratio,
     query_score_threshold=query_score_threshold,
     overlap_rule=overlap_rule,
+    min_component_area=min_component_area,
   )
   old_class_mask = jnp.asarray(old_class_mask, bool)
   true_masks = jnp.asarray(true_masks, bool)
@@ -344,7 +433,7 @@ def old_class_pseudo_labels(
   keep = selected
   if overlap_rule != "remove_true_pixels":
     keep = drop_matched_masks(binary, selected, true_masks, true_valid, match_iou)
-  masks = remove_noisy_pixels(mask_probs, keep, noise_threshold)
+  masks = remove_noisy_pixels(mask_probs, keep, noise_threshold, min_component_area)
   if overlap_rule != "drop_matched":
     masks = remove_true_pixels(masks, true_masks, true_valid)
   masks = resolve_overlaps(masks, confidence[:, None, None] * mask_probs, max_owners)
@@ -414,21 +503,84 @@ def merge_targets(
   return classes, masks, out_valid, num_dropped
 
 
-def distillation_weights(hist_class_logits: jax.Array, weighting: str) -> jax.Array:
+def teacher_log_probs(
+  hist_class_logits: jax.Array, old_class_mask: jax.Array, temperature: float = 1.0
+) -> jax.Array:
+  """Log-probabilities of the historical model over its own classes: old classes + no-object.
+
+  The historical model of an incremental step knows only the old classes; its distribution is
+  the softmax of its logits over the old classes and no-object (the new-class logits, never
+  trained, are left out, as if its classifier had only those outputs: CoMFormer's teacher).
+
+  Args:
+    hist_class_logits: ``[..., C + 1]`` (no gradient flows to them).
+    old_class_mask: bool ``[C]`` (may be traced).
+    temperature: softmax temperature.
+
+  Returns:
+    ``[..., C + 1]`` log-probabilities; new-class entries are ``_EXCLUDED_LOGIT``-scale
+    (probability exactly 0).
+  """
+  known = jnp.concatenate([jnp.asarray(old_class_mask, bool), jnp.ones((1,), bool)])
+  hist = jax.lax.stop_gradient(hist_class_logits) / temperature
+  return jax.nn.log_softmax(jnp.where(known, hist, _EXCLUDED_LOGIT), axis=-1)
+
+
+def student_log_probs(
+  cur_class_logits: jax.Array, old_class_mask: jax.Array, form: str, temperature: float = 1.0
+) -> jax.Array:
+  """Log-probabilities of the current model on the historical model's classes (M4 step 5).
+
+  ``form='fold_new_into_no_object'`` (default, METHODS.md M4): the softmax over all ``C + 1``
+  classes, with the probability of every new class added to no-object, so that a query that
+  drifts from an old class to no-object *or* to a new class moves mass away from where the
+  historical model put it. ``form='log_softmax_all'`` (CoMFormer): the log-softmax over all
+  classes, read at the old classes and at no-object (the new-class mass is simply missing, so
+  drift to a new class is penalised too).
+
+  Args:
+    cur_class_logits: ``[..., C + 1]``.
+    old_class_mask: bool ``[C]``.
+    form: one of ``KD_FORMS``.
+    temperature: softmax temperature.
+
+  Returns:
+    ``[..., C + 1]``: entries at the old classes and at no-object (others are unused).
+  """
+  if form not in KD_FORMS:
+    raise ValueError(f"form={form!r} is not allowed: use one of {KD_FORMS}")
+  log_p = jax.nn.log_softmax(cur_class_logits / temperature, axis=-1)
+  if form == "log_softmax_all":
+    return log_p
+  new = ~jnp.asarray(old_class_mask, bool)
+  folded = jnp.concatenate([new, jnp.ones((1,), bool)])
+  log_no_object = jax.nn.logsumexp(jnp.where(folded, log_p, -jnp.inf), axis=-1)
+  return log_p.at[..., -1].set(log_no_object)
+
+
+def distillation_weights(
+  hist_class_logits: jax.Array, weighting: str, old_class_mask: jax.Array | None = None
+) -> jax.Array:
   """Per-query distillation weight from the historical no-object probability (M4 step 5).
 
   Args:
-    hist_class_logits: ``[Q, C + 1]``.
+    hist_class_logits: ``[..., C + 1]``.
     weighting: ``'one_minus_no_object'`` (default of METHODS.md: ``w = 1 - p_no-object``),
-      ``'squared'`` (``(1 - p_no-object)**2``, also decreasing in ``p_no-object``, which the
-      patent allows) or ``'none'`` (``w = 1``, ablation).
+      ``'squared'`` (``(1 - p_no-object)**2``: CoMFormer's ``gamma = 2``, also decreasing in
+      ``p_no-object``, which the patent allows) or ``'none'`` (``w = 1``, ablation).
+    old_class_mask: bool ``[C]``; ``p_no-object`` is then that of :func:`teacher_log_probs`
+      (over old classes + no-object); None: the softmax over all ``C + 1`` logits.
 
   Returns:
-    ``[Q]`` weights (no gradient flows to the historical logits).
+    ``[...]`` weights (no gradient flows to the historical logits).
   """
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting={weighting!r} is not allowed: use one of {WEIGHTINGS}")
-  p_object = 1.0 - jax.nn.softmax(jax.lax.stop_gradient(hist_class_logits), axis=-1)[:, -1]
+  if old_class_mask is None:
+    p_no_object = jax.nn.softmax(jax.lax.stop_gradient(hist_class_logits), axis=-1)[..., -1]
+  else:
+    p_no_object = jnp.exp(teacher_log_probs(hist_class_logits, old_class_mask)[..., -1])
+  p_object = 1.0 - p_no_object
   if weighting == "one_minus_no_object":
     return p_object
   if weighting == "squared":
@@ -444,25 +596,28 @@ def distillation_loss(
   weighting: str = "one_minus_no_object",
   temperature: float = 1.0,
   reduction: str = "mean",
+  form: str = "fold_new_into_no_object",
 ) -> jax.Array:
-  """Distillation between historical and current old-class probabilities (METHODS.md M4 step 5).
+  """Distillation over every class of the historical prediction, no-object included (M4 step 5).
 
-  Per query ``i``, both models' class distributions are restricted to the old classes and
-  renormalised (softmax of ``logits / temperature`` over the old-class logits only; new classes
-  and no-object are excluded, since no-object enters through the weight). The per-query loss is
-  ``KL(p_hist_old || p_cur_old) * temperature**2`` (the ``T**2`` keeps gradient size
-  independent of the temperature; KL differs from CE by the historical entropy, a constant).
-  The weight ``w_i`` comes from :func:`distillation_weights` (historical probabilities at
-  temperature 1).
+  Per query ``i`` (any leading shape: one image ``[Q, C + 1]`` or a batch ``[B, Q, C + 1]``):
+  ``KL_i = sum_{c in old + no-object} p_hist(c) (log p_hist(c) - log p_cur(c)) * T**2`` with
+  ``p_hist`` from :func:`teacher_log_probs` and ``log p_cur`` from :func:`student_log_probs`
+  (``form``). Both drifts that forget an old class, to no-object and to a new class, give a
+  positive loss whose gradient pulls the query back. The weight ``w_i`` is
+  :func:`distillation_weights`'s rule applied to the same historical distribution (at the
+  same temperature, as CoMFormer).
 
   Args:
-    cur_class_logits: ``[Q, C + 1]`` current-model logits.
-    hist_class_logits: ``[Q, C + 1]`` historical-model logits (treated as constants).
-    old_class_mask: bool ``[C]``.
+    cur_class_logits: ``[..., Q, C + 1]`` current-model logits.
+    hist_class_logits: same shape, historical-model logits (treated as constants).
+    old_class_mask: bool ``[C]`` (may be traced).
     weighting: see :func:`distillation_weights`.
     temperature: softmax temperature ``> 0``.
-    reduction: ``'mean'`` (default): ``sum_i w_i KL_i / Q``, so images the historical model
-      sees as empty contribute little; ``'weighted_mean'``: ``sum_i w_i KL_i / sum_i w_i``.
+    reduction: ``'mean'`` (default): ``sum_i w_i KL_i / (number of queries)``, so queries the
+      historical model sees as empty contribute little; ``'weighted_mean'`` (CoMFormer):
+      ``sum_i w_i KL_i / sum_i w_i`` over every query given (the whole batch).
+    form: see :func:`student_log_probs`.
 
   Returns:
     Scalar loss.
@@ -471,6 +626,8 @@ def distillation_loss(
     raise ValueError(f"temperature={temperature!r} is not allowed: temperature must be > 0")
   if reduction not in REDUCTIONS:
     raise ValueError(f"reduction={reduction!r} is not allowed: use one of {REDUCTIONS}")
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting={weighting!r} is not allowed: use one of {WEIGHTINGS}")
   if cur_class_logits.shape != hist_class_logits.shape:
     raise ValueError(
       f"cur_class_logits.shape={cur_class_logits.shape} is not allowed: must equal "
@@ -482,12 +639,14 @@ def distillation_loss(
       f"old_class_mask.shape={old.shape} is not allowed: expected "
       f"[C={cur_class_logits.shape[-1] - 1}]"
     )
-  weights = distillation_weights(hist_class_logits, weighting)
-  hist = jax.lax.stop_gradient(hist_class_logits[:, :-1]) / temperature
-  cur = cur_class_logits[:, :-1] / temperature
-  log_p_hist = jax.nn.log_softmax(jnp.where(old[None], hist, _EXCLUDED_LOGIT), axis=-1)
-  log_p_cur = jax.nn.log_softmax(jnp.where(old[None], cur, _EXCLUDED_LOGIT), axis=-1)
-  kl = jnp.sum(jnp.where(old[None], jnp.exp(log_p_hist) * (log_p_hist - log_p_cur), 0.0), -1)
+  log_p_hist = teacher_log_probs(hist_class_logits, old, temperature)
+  p_object = 1.0 - jnp.exp(log_p_hist[..., -1])
+  weights = {"one_minus_no_object": p_object, "squared": p_object**2}.get(
+    weighting, jnp.ones_like(p_object)
+  )
+  log_p_cur = student_log_probs(cur_class_logits, old, form, temperature)
+  known = jnp.concatenate([old, jnp.ones((1,), bool)])
+  kl = jnp.sum(jnp.where(known, jnp.exp(log_p_hist) * (log_p_hist - log_p_cur), 0.0), -1)
   kl = kl * temperature**2
   if reduction == "mean":
     return jnp.mean(weights * kl)

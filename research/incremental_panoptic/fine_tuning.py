@@ -3,13 +3,13 @@
 The loss of one training is fixed in Python by its `settings.LossSpec`: the pseudo-label rule
 and the distillation weighting are bound with `functools.partial`, so a training computes only
 its own variant, and the historical forward pass exists only in the steps that need it. Each
-distinct (spec, phase) compiles one step (`compile_step`); trainings with the same spec and
-phase share it (naive and joint fine-tuning differ only in their labels).
+distinct spec compiles one step (`compile_step`); the class split and the learning-rate
+schedule are traced inputs, so step 0, every incremental step, every seed and the arms with the
+same spec (step 0, naive and joint differ only in their labels) share it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -51,15 +51,15 @@ def cosine_learning_rate(step: jax.Array, base: float, warmup: float, total: flo
 
   Args:
     step: traced int scalar, updates done.
-    base: peak learning rate.
-    warmup: warm-up steps.
-    total: steps of the phase.
+    base: peak learning rate (a number or a traced scalar).
+    warmup: warm-up steps (same).
+    total: steps of the phase (same).
 
   Returns:
     float32 scalar.
   """
   step = step.astype(jnp.float32)
-  base, warmup, total = np.float32(base), np.float32(warmup), np.float32(total)
+  base, warmup, total = (jnp.asarray(x, jnp.float32) for x in (base, warmup, total))
   warm = base * step / jnp.maximum(warmup, 1.0)
   progress = jnp.clip((step - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
   return jnp.where(step < warmup, warm, 0.5 * base * (1.0 + jnp.cos(jnp.pi * progress)))
@@ -80,9 +80,9 @@ def incremental_loss(
   rng: jax.Array,
   *,
   hist_params: Any,
+  old_class_mask: jax.Array,
   spec: LossSpec,
   model: MaskFormer,
-  old_class_mask: np.ndarray,
   criterion: dict,
   pseudo_settings: dict,
   temperature: float,
@@ -96,20 +96,22 @@ def incremental_loss(
     rng: unused (deterministic model).
     hist_params: the frozen historical parameters (step 2), wrapped in `stop_gradient`;
       unused (may be None) unless `spec.historical`.
-    spec: the static choices of this training (pseudo labels, their overlap rule, weighting,
-      `kd_weight`).
+    old_class_mask: bool `[C]` classes of the historical model (a traced input: one compiled
+      step serves every incremental step).
+    spec: the static choices of this training (pseudo labels, their overlap rule and noise
+      removal, distillation form, weighting, reduction, layers, `kd_weight`).
     model: the MaskFormer.
-    old_class_mask: bool `[C]`.
     criterion: `w_class`, `w_bce`, `w_dice`, `no_object_weight` of `set_criterion_loss`.
-    pseudo_settings: thresholds of `core.old_class_pseudo_labels` (not `overlap_rule`).
+    pseudo_settings: keyword arguments of `core.old_class_pseudo_labels` for this spec.
     temperature: distillation temperature.
 
   Returns:
     `(loss, metrics)`: loss = set-criterion loss over all decoder layers (step 4 matching
-    inside) + `kd_weight` x distillation of the final layer (step 5); metrics add `kd`,
-    `num_pseudo` (pseudo labels per image), `pseudo_dropped` (pseudo labels that did not fit
-    the `T` target slots, per image) and `pseudo_on_true` (fraction of true-mask pixels that a
-    pseudo mask also claims), all 0 where the spec has no such term.
+    inside) + `kd_weight` x distillation (final layer, or summed over every layer when
+    `spec.kd_all_layers`: CoMFormer); metrics add `kd`, `num_pseudo` (pseudo labels per
+    image), `pseudo_dropped` (pseudo labels that did not fit the `T` target slots, per
+    image) and `pseudo_on_true` (fraction of true-mask pixels that a pseudo mask also
+    claims), all 0 where the spec has no such term.
   """
   del rng
   images = steps.images_to_float(batch["image"])
@@ -120,25 +122,25 @@ def incremental_loss(
   kd = None
   if spec.historical:
     hist = model.apply({"params": jax.lax.stop_gradient(hist_params)}, images)
-    hist_classes, hist_masks = jax.lax.stop_gradient((hist["class_logits"], hist["mask_logits"]))
-    kd = jnp.mean(
-      jax.vmap(
-        functools.partial(
-          core.distillation_loss,
-          old_class_mask=old_class_mask,
-          weighting=spec.weighting,
-          temperature=temperature,
-        )
-      )(cur_classes[-1], hist_classes)
+    hist_all_classes, hist_all_masks = jax.lax.stop_gradient(_all_layers(hist))
+    hist_classes, hist_masks = hist_all_classes[-1], hist_all_masks[-1]
+    distill = functools.partial(
+      core.distillation_loss,
+      old_class_mask=old_class_mask,
+      weighting=spec.weighting,
+      temperature=temperature,
+      reduction=spec.kd_reduction,
+      form=spec.kd_form,
     )
+    if spec.kd_all_layers:
+      kd = jnp.sum(jax.vmap(distill)(cur_classes, hist_all_classes))
+    else:
+      kd = distill(cur_classes[-1], hist_classes)
     metrics["kd"] = kd
   if spec.pseudo:
     p_masks, p_classes, p_valid = jax.vmap(
       functools.partial(
-        core.old_class_pseudo_labels,
-        old_class_mask=old_class_mask,
-        overlap_rule=spec.overlap_rule,
-        **pseudo_settings,
+        core.old_class_pseudo_labels, old_class_mask=old_class_mask, **pseudo_settings
       )
     )(hist_classes, hist_masks, masks, valid)
     true_pixels = jnp.any(masks & valid[..., None, None], axis=1)
@@ -167,28 +169,42 @@ def incremental_loss(
 def fine_tune_step(
   train_state: state.TrainState,
   hist_params: Any,
+  old_class_mask: jax.Array,
+  schedule: jax.Array,
   batch: dict,
   rng: jax.Array,
   *,
   loss_fn,
   tx: optax.GradientTransformation,
-  schedule: PhaseSettings,
 ) -> tuple[state.TrainState, dict]:
   """`steps.train_step` with the frozen historical parameters passed in (not differentiated).
 
-  The learning rate of the `inject_hyperparams` optimizer follows `schedule` (warm-up, then
-  cosine decay over the phase) and is logged as `learning_rate`.
+  Args:
+    train_state: the state (donated).
+    hist_params: the historical parameters (None when the loss does not use them).
+    old_class_mask: bool `[C]`, traced.
+    schedule: float32 `[3]` = (peak learning rate, warm-up steps, phase steps), traced, so one
+      compiled step serves phases of any length: warm-up, then cosine decay over the phase;
+      the learning rate is logged as `learning_rate`.
+    batch: the batch.
+    rng: the step key.
+    loss_fn: `incremental_loss` with its static choices bound.
+    tx: the optimizer.
   """
-  lr = cosine_learning_rate(
-    train_state.step, schedule.learning_rate, schedule.warmup_steps, schedule.steps
-  )
+  lr = cosine_learning_rate(train_state.step, schedule[0], schedule[1], schedule[2])
   opt_state = train_state.opt_state._replace(
     hyperparams={**train_state.opt_state.hyperparams, "learning_rate": lr}
   )
   train_state = train_state.replace(opt_state=opt_state)
-  loss = functools.partial(loss_fn, hist_params=hist_params)
+  loss = functools.partial(loss_fn, hist_params=hist_params, old_class_mask=old_class_mask)
   new_state, metrics = steps.train_step(train_state, batch, rng, loss_fn=loss, tx=tx)
   return new_state, {**metrics, "learning_rate": lr}
+
+
+def schedule_array(schedule: PhaseSettings, steps: int | None = None) -> np.ndarray:
+  """The traced schedule input of :func:`fine_tune_step` (`steps` overrides the length)."""
+  total = schedule.steps if steps is None else steps
+  return np.array([schedule.learning_rate, schedule.warmup_steps, total], np.float32)
 
 
 def compile_step(
@@ -196,17 +212,15 @@ def compile_step(
   model: MaskFormer,
   tx: optax.GradientTransformation,
   spec: LossSpec,
-  schedule: PhaseSettings,
   mesh: jax.sharding.Mesh,
 ):
-  """The jitted `step(state, hist_params, batch, rng) -> (state, metrics)` of one training.
+  """The jitted `step(state, hist_params, old_class_mask, schedule, batch, rng)` of a spec.
 
   Args:
-    settings: the experiment's settings (class split, loss weights, pseudo-label thresholds).
+    settings: the experiment's settings (loss weights, pseudo-label thresholds).
     model: the MaskFormer.
     tx: :func:`make_optimizer`'s optimizer.
     spec: the loss's static choices; a different spec is a different compiled step.
-    schedule: the phase's learning-rate schedule.
     mesh: the device mesh (state and metrics come back replicated on it).
 
   Returns:
@@ -216,14 +230,13 @@ def compile_step(
     incremental_loss,
     spec=spec,
     model=model,
-    old_class_mask=settings.old_class_mask,
     criterion=settings.criterion,
-    pseudo_settings=dataclasses.asdict(settings.pseudo),
+    pseudo_settings=settings.pseudo_kwargs(spec),
     temperature=settings.temperature,
   )
   rep = parallel.replicated(mesh)
   return jax.jit(
-    functools.partial(fine_tune_step, loss_fn=loss_fn, tx=tx, schedule=schedule),
+    functools.partial(fine_tune_step, loss_fn=loss_fn, tx=tx),
     donate_argnums=0,
     out_shardings=(rep, rep),
   )

@@ -1,9 +1,9 @@
-"""Typed, validated settings of M4 (class-incremental panoptic fine-tuning).
+"""Typed, validated settings of M4 (class-incremental panoptic fine-tuning, several steps).
 
 `Settings.from_config(config)` checks every field the experiment uses and fails at once with
-one sentence naming the field, the value and what is allowed. The step-1 variants are data
-(`VARIANTS`); each training's loss is fixed by a `LossSpec` (pseudo-label rule, weighting,
-distillation weight), which is bound into its compiled step as Python constants.
+one sentence naming the field, the value and what is allowed. The arms are data (`VARIANTS`);
+each training's loss is fixed by a `LossSpec` (pseudo-label rule and noise removal,
+distillation form, weighting and weight), bound into its compiled step as Python constants.
 """
 
 from __future__ import annotations
@@ -21,47 +21,90 @@ from research.training import fit
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One step-1 training, all from the step-0 parameters with the same images and steps.
+  """One arm of an incremental step; each arm continues from its own model of the step before.
 
   Attributes:
     title: its name in the report.
-    labels: `new` (the new-class labels only) or `all` (every label of the step-1 images).
+    labels: `new` (the step's new classes only) or `seen` (every class learnt so far).
+    images: `step` (the step's own images) or `seen` (the images of every step so far).
     pseudo: adds old-class pseudo labels of the historical model (M4 step 3).
     distill: adds the distillation loss (M4 step 5).
     weighting: distillation weighting (`core.WEIGHTINGS`); None: `config.method.weighting`.
     overlap_rule: pseudo-label overlap rule (`core.OVERLAP_RULES`); None:
       `config.method.overlap_rule`.
+    kd: `patent` (the method's distillation: `config.method.kd_form`, `kd_reduction`, final
+      layer) or `comformer` (CoMFormer's: student log-softmax over all classes, weights
+      `(1 - p_no-object)^2` normalised by their sum over the batch, every decoder layer).
+    noise_removal: False switches the pseudo-label noise removal off (threshold 0.5 = the
+      binarisation, no minimum component area).
+    steps_factor: the step's training length is this many times `step1.steps`.
+    role: `main` (headline table), `extension` (not in the patent, labelled as such),
+      `ablation` or `diagnostic` (the joint-ceiling investigation).
   """
 
   title: str
   labels: str = "new"
+  images: str = "step"
   pseudo: bool = False
   distill: bool = False
   weighting: str | None = None
   overlap_rule: str | None = None
+  kd: str = "patent"
+  noise_removal: bool = True
+  steps_factor: int = 1
+  role: str = "main"
 
 
 VARIANTS = {
   "naive": Variant("naive fine-tuning"),
-  "method": Variant(
-    "this method (pseudo labels + weighted distillation)", pseudo=True, distill=True
-  ),
-  "joint": Variant("joint: all labels (ceiling)", labels="all"),
-  "no_pseudo": Variant("without pseudo labels", distill=True),
-  "no_distill": Variant("without distillation", pseudo=True),
-  "no_weighting": Variant("without weighting (w = 1)", pseudo=True, distill=True, weighting="none"),
+  "method": Variant("this method (patent: drop matched masks)", pseudo=True, distill=True),
   "comformer": Variant(
-    "CoMFormer overlap rule, w = (1 - p_no-object)^2",
+    "CoMFormer (true pixels removed, its distillation)",
     pseudo=True,
     distill=True,
     weighting="squared",
     overlap_rule="remove_true_pixels",
+    kd="comformer",
   ),
+  "joint": Variant("joint: all labels of all images so far", labels="seen", images="seen"),
   "true_wins": Variant(
-    "matched masks dropped and true pixels removed from the rest",
+    "extension: matched masks dropped and true pixels removed from the rest",
     pseudo=True,
     distill=True,
     overlap_rule="drop_matched_true_wins",
+    role="extension",
+  ),
+  "no_noise_removal": Variant(
+    "method without noise removal",
+    pseudo=True,
+    distill=True,
+    noise_removal=False,
+    role="ablation",
+  ),
+  "no_pseudo": Variant("method without pseudo labels", distill=True, role="ablation"),
+  "no_distill": Variant("method without distillation", pseudo=True, role="ablation"),
+  "no_weighting": Variant(
+    "method without weighting (w = 1)",
+    pseudo=True,
+    distill=True,
+    weighting="none",
+    role="ablation",
+  ),
+  "joint_3x": Variant(
+    "joint: all labels of all images so far, 3x steps",
+    labels="seen",
+    images="seen",
+    steps_factor=3,
+    role="diagnostic",
+  ),
+  "joint_step_images": Variant(
+    "joint on the step's images only (the old 'ceiling')", labels="seen", role="diagnostic"
+  ),
+  "joint_step_images_3x": Variant(
+    "joint on the step's images only, 3x steps",
+    labels="seen",
+    steps_factor=3,
+    role="diagnostic",
   ),
 }
 
@@ -70,12 +113,21 @@ VARIANTS = {
 class LossSpec:
   """The static choices of one training's loss; each distinct spec compiles its own step.
 
+  The class split (old-class mask) and the learning-rate schedule are traced inputs of the
+  compiled step, so every incremental step and seed shares it.
+
   Attributes:
     historical: the frozen historical model runs (pseudo labels or distillation need it).
     pseudo: old-class pseudo labels join the true labels.
     overlap_rule: the pseudo-label overlap rule (`core.OVERLAP_RULES`).
     weighting: the distillation weighting (`core.WEIGHTINGS`).
     kd_weight: lambda_kd; the distillation loss is computed whenever `historical`.
+    kd_form: the student's distribution (`core.KD_FORMS`).
+    kd_reduction: `core.REDUCTIONS`.
+    kd_all_layers: distillation on every decoder layer (summed, as the task loss), not only
+      the final one.
+    noise_threshold: pseudo-label noise threshold.
+    min_component_area: pseudo-label minimal component area.
   """
 
   historical: bool
@@ -83,6 +135,11 @@ class LossSpec:
   overlap_rule: str
   weighting: str
   kd_weight: float
+  kd_form: str = "fold_new_into_no_object"
+  kd_reduction: str = "mean"
+  kd_all_layers: bool = False
+  noise_threshold: float = 0.5
+  min_component_area: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +173,7 @@ class PseudoLabelSettings:
   max_owners: int
   min_area_ratio: float
   query_score_threshold: float
+  min_component_area: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,25 +181,34 @@ class Settings:
   """Everything M4 reads from its config besides the data source (see `load_panoptic_data`).
 
   Attributes:
-    seed: seeds the initial parameters, the step-0/step-1 image split and the batch order.
+    seed: the first seed; seed `s` seeds the initial parameters, the image split over steps
+      and the batch order of its trainings.
+    num_seeds: seeds `seed, seed + 1, ...` trained in one process.
     num_classes: `C` real classes.
     thing_classes: the classes with instances.
-    old_classes: classes labelled in step 0 (known to the historical model).
-    new_classes: classes labelled in step 1.
+    class_steps: the classes learnt in each step, step 0 first (`data.class_steps`: a tuple
+      of tuples, or a task name `"B-K"`: the first `B` classes, then `K` more per step).
     image_size: side `S` of the square images.
-    max_segments: `T` target slots (and segment-table length).
-    step0_fraction: share of the training images used in step 0.
+    max_segments: `T` target slots (and segment-table length; an image with more segments
+      keeps its largest `T`, the rest are counted).
+    step0_fraction: share of the training images used in step 0; the rest is split evenly
+      over the incremental steps.
     model: the model.
     criterion: `set_criterion_loss` weights (`w_class`, `w_bce`, `w_dice`, `no_object_weight`).
     pseudo: pseudo-label thresholds.
     overlap_rule: the method's pseudo-label overlap rule.
     weighting: the method's distillation weighting.
-    kd_weight: lambda_kd of the variants with distillation.
+    kd_form: the method's student distribution (`core.KD_FORMS`).
+    kd_reduction: the method's reduction over queries (`core.REDUCTIONS`).
+    kd_weight: lambda_kd of the arms with distillation.
     temperature: distillation temperature.
     inference: `panoptic_inference` thresholds (`object_mask_threshold`, `overlap_threshold`).
-    variants: the step-1 variants to train, keys of `VARIANTS`.
+    variants: the arms trained at every incremental step, keys of `VARIANTS`.
+    step1_only: arms trained at the first incremental step only (ablations, diagnostics).
+    sensitivity: `(noise_threshold, min_component_area)` settings whose pseudo labels are
+      measured (no training) at the first incremental step.
     step0: the base training.
-    step1: every fine-tuning.
+    step1: every incremental training (`steps_factor` times its steps for some arms).
     weight_decay: AdamW decay (kernels only).
     batch_size: images per update.
     eval_batch_size: images per evaluation batch.
@@ -151,10 +218,10 @@ class Settings:
   """
 
   seed: int
+  num_seeds: int
   num_classes: int
   thing_classes: tuple[int, ...]
-  old_classes: tuple[int, ...]
-  new_classes: tuple[int, ...]
+  class_steps: tuple[tuple[int, ...], ...]
   image_size: int
   max_segments: int
   step0_fraction: float
@@ -163,10 +230,14 @@ class Settings:
   pseudo: PseudoLabelSettings
   overlap_rule: str
   weighting: str
+  kd_form: str
+  kd_reduction: str
   kd_weight: float
   temperature: float
   inference: dict
   variants: tuple[str, ...]
+  step1_only: tuple[str, ...]
+  sensitivity: tuple[tuple[float, int], ...]
   step0: PhaseSettings
   step1: PhaseSettings
   weight_decay: float
@@ -193,31 +264,32 @@ class Settings:
       raise config_checks.ConfigError(
         f"config.data.thing_classes={things} is not allowed: ids must be in [0, {num_classes})"
       )
-    old = tuple(config_checks.get_field(config, "data.old_classes"))
-    new = tuple(config_checks.get_field(config, "data.new_classes"))
-    try:
-      core.check_class_split(list(old), list(new), num_classes)
-    except ValueError as e:
-      raise config_checks.ConfigError(f"config.data: {e}") from e
+    steps_field = config_checks.get_field(config, "data.class_steps")
+    class_steps = parse_class_steps(steps_field, num_classes)
     max_segments = config_checks.check_int(config, "data.max_segments", 1)
     if max_segments > model.num_queries:
       raise config_checks.ConfigError(
         f"config.data.max_segments={max_segments} is not allowed: it must be <= "
         f"model.num_queries={model.num_queries} (every target needs its own query)"
       )
-    variants = tuple(config_checks.get_field(config, "variants"))
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or "naive" not in variants or "method" not in variants:
+    variants = _variant_list(config, "variants")
+    if "naive" not in variants or "method" not in variants:
       raise config_checks.ConfigError(
         f"config.variants={variants} is not allowed: give 'naive', 'method' and any of "
         f"{tuple(VARIANTS)}"
       )
+    step1_only = _variant_list(config, "step1_only")
+    both = sorted(set(variants) & set(step1_only))
+    if both:
+      raise config_checks.ConfigError(
+        f"config.step1_only={step1_only} is not allowed: {both} are also in config.variants"
+      )
     return cls(
       seed=config_checks.check_int(config, "seed"),
+      num_seeds=config_checks.check_int(config, "num_seeds", 1),
       num_classes=num_classes,
       thing_classes=things,
-      old_classes=old,
-      new_classes=new,
+      class_steps=class_steps,
       image_size=size,
       max_segments=max_segments,
       step0_fraction=config_checks.check_float(
@@ -233,6 +305,8 @@ class Settings:
       pseudo=_pseudo(config),
       overlap_rule=config_checks.check_choice(config, "method.overlap_rule", core.OVERLAP_RULES),
       weighting=config_checks.check_choice(config, "method.weighting", core.WEIGHTINGS),
+      kd_form=config_checks.check_choice(config, "method.kd_form", core.KD_FORMS),
+      kd_reduction=config_checks.check_choice(config, "method.kd_reduction", core.REDUCTIONS),
       kd_weight=config_checks.check_float(config, "method.kd_weight", 0.0),
       temperature=config_checks.check_float(
         config, "method.temperature", 0.0, exclusive_minimum=True
@@ -242,6 +316,8 @@ class Settings:
         for k in ("object_mask_threshold", "overlap_threshold")
       },
       variants=variants,
+      step1_only=step1_only,
+      sensitivity=_sensitivity(config),
       step0=_phase(config, "step0"),
       step1=_phase(config, "step1"),
       weight_decay=config_checks.check_float(config, "optim.weight_decay", 0.0),
@@ -253,9 +329,34 @@ class Settings:
     )
 
   @property
-  def old_class_mask(self) -> np.ndarray:
-    """Old-class mask, bool `[C]`."""
-    return core.check_class_split(list(self.old_classes), list(self.new_classes), self.num_classes)
+  def seeds(self) -> tuple[int, ...]:
+    """The seeds trained, in order."""
+    return tuple(range(self.seed, self.seed + self.num_seeds))
+
+  @property
+  def num_steps(self) -> int:
+    """Number of incremental steps after step 0."""
+    return len(self.class_steps) - 1
+
+  def old_classes(self, step: int) -> tuple[int, ...]:
+    """Classes learnt before `step` (the historical model's classes)."""
+    return tuple(c for s in self.class_steps[:step] for c in s)
+
+  def new_classes(self, step: int) -> tuple[int, ...]:
+    """Classes learnt in `step`."""
+    return tuple(self.class_steps[step])
+
+  def seen_classes(self, step: int) -> tuple[int, ...]:
+    """Classes learnt up to and including `step`."""
+    return self.old_classes(step + 1)
+
+  def old_class_mask(self, step: int) -> np.ndarray:
+    """Bool `[C]`, True for the classes learnt before `step`."""
+    return np.isin(np.arange(self.num_classes), self.old_classes(step))
+
+  def arms(self, step: int) -> tuple[str, ...]:
+    """The arms trained at incremental step `step` (>= 1)."""
+    return self.variants + (self.step1_only if step == 1 else ())
 
   @property
   def thing_mask(self) -> np.ndarray:
@@ -269,21 +370,93 @@ class Settings:
     return side, side
 
   def loss_spec(self, variant: str | None) -> LossSpec:
-    """The loss of step 0 (`variant=None`: true labels only) or of a step-1 variant."""
+    """The loss of step 0 (`variant=None`: true labels only) or of an incremental arm."""
     v = VARIANTS[variant] if variant else Variant("step 0")
     kd_weight = self.kd_weight if v.distill else 0.0
+    comformer = v.kd == "comformer"
+    noise = v.noise_removal and v.pseudo
     return LossSpec(
       historical=v.pseudo or kd_weight > 0,
       pseudo=v.pseudo,
       overlap_rule=v.overlap_rule or self.overlap_rule,
       weighting=v.weighting or self.weighting,
       kd_weight=kd_weight,
+      kd_form="log_softmax_all" if comformer else self.kd_form,
+      kd_reduction="weighted_mean" if comformer else self.kd_reduction,
+      kd_all_layers=comformer,
+      noise_threshold=self.pseudo.noise_threshold if noise else core.BINARIZE_THRESHOLD,
+      min_component_area=self.pseudo.min_component_area if noise else 0,
     )
 
-  def phase(self, name: str, which: str) -> fit.Phase:
-    """The `fit.Phase` named `name` with the length of `which` (`step0` or `step1`)."""
-    steps = getattr(self, which).steps
+  def pseudo_kwargs(self, spec: LossSpec) -> dict:
+    """Keyword arguments of `core.old_class_pseudo_labels` for `spec`."""
+    return dataclasses.asdict(self.pseudo) | {
+      "noise_threshold": spec.noise_threshold,
+      "min_component_area": spec.min_component_area,
+      "overlap_rule": spec.overlap_rule,
+    }
+
+  def phase(self, name: str, steps: int) -> fit.Phase:
+    """The `fit.Phase` named `name` with `steps` updates."""
     return fit.Phase(name, steps, self.log_every, self.checkpoint_every, self.batch_size)
+
+
+def parse_class_steps(value, num_classes: int) -> tuple[tuple[int, ...], ...]:
+  """`data.class_steps` as a tuple of tuples, validated.
+
+  A task name `"B-K"` (e.g. COCO `"100-10"`) is the first `B` classes, then `K` more per step
+  (the last step takes what is left).
+
+  Raises:
+    config_checks.ConfigError: on a malformed task name, overlapping steps, a class left out
+      or unknown, or a step with no class (`core.check_class_steps`).
+  """
+  if isinstance(value, str):
+    try:
+      base, inc = (int(x) for x in value.split("-"))
+      if base < 1 or inc < 1 or base >= num_classes:
+        raise ValueError
+    except ValueError as e:
+      raise config_checks.ConfigError(
+        f"config.data.class_steps={value!r} is not allowed: a task name is 'B-K' with "
+        f"1 <= B < num_classes={num_classes} and K >= 1 (e.g. '100-10'), or give the steps"
+      ) from e
+    value = [range(base)] + [
+      range(start, min(start + inc, num_classes)) for start in range(base, num_classes, inc)
+    ]
+  steps = tuple(tuple(int(c) if isinstance(c, (int, np.integer)) else c for c in s) for s in value)
+  try:
+    core.check_class_steps(steps, num_classes)
+  except ValueError as e:
+    raise config_checks.ConfigError(f"config.data.{e}") from e
+  return steps
+
+
+def _variant_list(config: ml_collections.ConfigDict, field: str) -> tuple[str, ...]:
+  names = tuple(config_checks.get_field(config, field))
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown or len(set(names)) != len(names):
+    raise config_checks.ConfigError(
+      f"config.{field}={names} is not allowed: give distinct names from {tuple(VARIANTS)}"
+    )
+  return names
+
+
+def _sensitivity(config: ml_collections.ConfigDict) -> tuple[tuple[float, int], ...]:
+  pairs = tuple(tuple(p) for p in config_checks.get_field(config, "method.sensitivity"))
+  for p in pairs:
+    if (
+      len(p) != 2
+      or not isinstance(p[0], (int, float))
+      or not 0.0 <= p[0] <= 1.0
+      or not isinstance(p[1], int)
+      or p[1] < 0
+    ):
+      raise config_checks.ConfigError(
+        f"config.method.sensitivity={pairs} is not allowed: give (noise_threshold in [0, 1], "
+        f"min_component_area int >= 0) pairs"
+      )
+  return tuple((float(t), int(a)) for t, a in pairs)
 
 
 _TASK_WEIGHTS = ("w_class", "w_bce", "w_dice")
@@ -319,7 +492,12 @@ def _model(config: ml_collections.ConfigDict) -> ModelSettings:
 def _pseudo(config: ml_collections.ConfigDict) -> PseudoLabelSettings:
   m = config.method
   settings = PseudoLabelSettings(
-    m.match_iou, m.noise_threshold, m.max_owners, m.min_area_ratio, m.query_score_threshold
+    m.match_iou,
+    m.noise_threshold,
+    m.max_owners,
+    m.min_area_ratio,
+    m.query_score_threshold,
+    config_checks.check_int(config, "method.min_component_area", 0),
   )
   try:
     core.check_pseudo_label_config(

@@ -359,8 +359,71 @@ def _fixed_count_backward(iterations, residuals, cotangents):
 _fixed_count_distance.defvjp(_fixed_count_forward, _fixed_count_backward)
 
 
+def _weighted_distance(
+  costs_: Array, epsilon: Array, weights: Array, config: SinkhornConfig
+) -> tuple[Array, Array, Array, Array, Array]:
+  """``<P, C>`` between the marginals ``a = b = weights / sum(weights)``; zero weights allowed.
+
+  ``weights [N]`` must have at least one positive entry (the caller's job; inside jit it
+  cannot be checked).
+
+  A row (column) of zero weight gets no transport mass: it is left out of every log-sum-exp
+  and its plan row (column) is exactly 0, so it changes neither the plan of the other rows nor
+  any gradient (padding rows of a last batch, METHODS.md M5). Fixed count
+  (``min_iterations == max_iterations``): exactly ``max_iterations`` log-domain iterations
+  (``g`` then ``f``, as :func:`_fixed_count_potentials`) differentiated by autodiff through
+  them; the potentials of zero-weight entries stay finite, so no ``-inf`` reaches a gradient.
+  Otherwise: ott's convergence-tested ``Sinkhorn`` on ``LinearProblem(geom, a, b)``.
+
+  Returns:
+    ``(D, plan [N, M], converged, n_iters, errors [checks, 1])``.
+  """
+  n, m = costs_.shape
+  valid = weights > 0
+  marginal = jnp.where(valid, weights, 0.0) / jnp.sum(jnp.where(valid, weights, 0.0))
+  if config.min_iterations != config.max_iterations:
+    geom = geometry.Geometry(cost_matrix=costs_, epsilon=epsilon)
+    solver = sinkhorn.Sinkhorn(
+      threshold=config.threshold,
+      inner_iterations=config.inner_iterations,
+      min_iterations=config.min_iterations,
+      max_iterations=config.max_iterations,
+      implicit_diff=None,
+    )
+    out = solver(linear_problem.LinearProblem(geom, a=marginal, b=marginal))
+    return jnp.sum(out.matrix * costs_), out.matrix, out.converged, out.n_iters, out.errors
+  log_w = jnp.log(jnp.where(valid, marginal, 1.0))
+
+  def iteration(potentials, _):
+    f, _ = potentials
+    g = epsilon * log_w - epsilon * jax.nn.logsumexp(
+      jnp.where(valid[:, None], (f[:, None] - costs_) / epsilon, -jnp.inf), axis=0
+    )
+    f = epsilon * log_w - epsilon * jax.nn.logsumexp(
+      jnp.where(valid[None, :], (g[None, :] - costs_) / epsilon, -jnp.inf), axis=1
+    )
+    return (f, g), None
+
+  zeros = jnp.zeros(n, costs_.dtype)
+  (f, g), _ = jax.lax.scan(iteration, (zeros, zeros), None, length=config.max_iterations)
+  plan = jnp.where(valid[:, None] & valid[None, :], _plan(f, g, costs_, epsilon), 0.0)
+  error = jnp.sum(jnp.abs(jnp.sum(jax.lax.stop_gradient(plan), axis=0) - marginal))
+  return (
+    jnp.sum(plan * costs_),
+    plan,
+    error < config.threshold,
+    jnp.asarray(config.max_iterations),
+    error[None, None],
+  )
+
+
 def feature_matching_distance(
-  f: Array, g: Array, config: SinkhornConfig | None = None, **overrides: Any
+  f: Array,
+  g: Array,
+  config: SinkhornConfig | None = None,
+  *,
+  weights: Array | None = None,
+  **overrides: Any,
 ) -> tuple[Array, dict[str, Array]]:
   """Feature matching distance ``D = <P*, C>`` of METHODS.md M5 step 4.
 
@@ -390,6 +453,10 @@ def feature_matching_distance(
     f: standard vector set ``[N, D]`` (features of the clean images).
     g: perturbed vector set ``[M, D]`` (features of the perturbed images).
     config: :class:`SinkhornConfig`; ``None`` uses the defaults.
+    weights: optional ``[N]`` non-negative transport weights of both sets (``N = M``; row
+      ``i`` of ``f`` and of ``g`` are one image), at least one positive: the marginals become
+      ``weights / sum(weights)`` instead of uniform, and a zero-weight row (a padding row of a
+      last batch) takes no part in the problem (:func:`_weighted_distance`).
     **overrides: fields of :class:`SinkhornConfig` to replace, e.g. ``epsilon=0.1``.
 
   Returns:
@@ -405,13 +472,26 @@ def feature_matching_distance(
     raise ValueError(
       f"f has shape {f.shape} and g has shape {g.shape}: the feature dimensions must match"
     )
+  if weights is not None and (jnp.shape(weights) != (f.shape[0],) or f.shape[0] != g.shape[0]):
+    raise ValueError(
+      f"weights has shape {jnp.shape(weights)}: it must be [N] with N = M (f {f.shape}, g "
+      f"{g.shape})"
+    )
   cost_fn = _cost_fn(config.cost)
   costs_ = cost_fn.all_pairs(f, g)  # The same matrix the geometry builds.
   epsilon = jnp.asarray(config.epsilon, dtype=jnp.result_type(f, g))
   if config.relative_epsilon == "mean":
-    scale = jax.lax.stop_gradient(jnp.mean(costs_))
+    if weights is None:
+      scale = jax.lax.stop_gradient(jnp.mean(costs_))
+    else:  # the mean over the pairs of positive-weight rows (the product of the marginals)
+      w = jnp.where(jnp.asarray(weights) > 0, jnp.asarray(weights, costs_.dtype), 0.0)
+      scale = jax.lax.stop_gradient(w @ costs_ @ w / jnp.sum(w) ** 2)
     epsilon = jnp.maximum(epsilon * scale, config.min_epsilon)
-  if config.min_iterations == config.max_iterations:
+  if weights is not None:
+    distance, plan, converged, n_iters, errors = _weighted_distance(
+      costs_, epsilon, jnp.asarray(weights, costs_.dtype), config
+    )
+  elif config.min_iterations == config.max_iterations:
     distance, f_last, g_last = _fixed_count_distance(costs_, epsilon, config.max_iterations)
     plan = _plan(*jax.lax.stop_gradient((f_last, g_last, costs_)), epsilon)
     error = jnp.sum(jnp.abs(jnp.sum(plan, axis=0) - 1.0 / costs_.shape[1]))  # ott's L1 error
@@ -454,12 +534,12 @@ def feature_matching_distance(
 
 
 def _feature_distance_to(
-  features_fn: FeaturesFn, f_clean: Array, config: SinkhornConfig
+  features_fn: FeaturesFn, f_clean: Array, config: SinkhornConfig, weights: Array | None = None
 ) -> Callable[[Array], Array]:
   """``x' -> D(f_clean, features_fn(x'))``, the quantity the ascent maximises."""
 
   def distance(x_pert: Array) -> Array:
-    return feature_matching_distance(f_clean, features_fn(x_pert), config)[0]
+    return feature_matching_distance(f_clean, features_fn(x_pert), config, weights=weights)[0]
 
   return distance
 
@@ -473,6 +553,7 @@ def ot_attack(
   alpha: float | Array,
   steps: int,
   sinkhorn_config: SinkhornConfig | None = None,
+  weights: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
   """Target perturbed set by signed ascent on ``D`` (METHODS.md M5 step 5, default).
 
@@ -488,6 +569,9 @@ def ot_attack(
     alpha: step size, > 0.
     steps: number of ascent steps, >= 0 (Python int; the loop is a ``scan``).
     sinkhorn_config: settings of :func:`feature_matching_distance`.
+    weights: optional ``[B]`` transport weights (see :func:`feature_matching_distance`): a
+      zero-weight image (a padding row) takes no part in ``D``, gets a zero gradient and so
+      is not moved from its start.
 
   Returns:
     ``(x_target, aux)``: ``x_target [B, H, W, C]`` inside the eps ball and [0, 1]; ``aux``
@@ -506,7 +590,9 @@ def ot_attack(
     raise ValueError(f"steps={steps} is not allowed: steps must be an int >= 0")
   config = sinkhorn_config or SinkhornConfig()
   f_clean = jax.lax.stop_gradient(features_fn(x_clean))
-  distance_and_grad = jax.value_and_grad(_feature_distance_to(features_fn, f_clean, config))
+  distance_and_grad = jax.value_and_grad(
+    _feature_distance_to(features_fn, f_clean, config, weights)
+  )
 
   def ascent_step(x_pert, _):
     distance, grad = distance_and_grad(x_pert)
@@ -515,11 +601,13 @@ def ot_attack(
 
   x_start = _project(x_clean, x_init, eps)
   x_target, distances = jax.lax.scan(ascent_step, x_start, None, length=steps)
-  final_distance, final_aux = feature_matching_distance(f_clean, features_fn(x_target), config)
+  final_distance, final_aux = feature_matching_distance(
+    f_clean, features_fn(x_target), config, weights=weights
+  )
   distances = jnp.concatenate([distances, final_distance[None]])
   return jax.lax.stop_gradient(x_target), {
     "distances": distances,
-    "finite": jnp.all(jnp.isfinite(distances)),
+    "finite": jnp.all(jnp.isfinite(distances)) & final_aux["finite"],
     "converged": final_aux["converged"],
     "n_iters": final_aux["n_iters"],
   }

@@ -1,26 +1,22 @@
 """M5 experiment: training on clean plus OT-matched perturbed images (METHODS.md M5, seed 004).
 
-Three arms are trained with the same data, budget and convergence rule:
-
-- `clean`: clean-only training (task loss on the clean set);
-- `ot`: this method, loss1 (clean) + loss2 on the target perturbed set found by k signed
-  ascent steps on the feature matching distance `D` (steps 2-6), regenerated every step;
-  `ot.perturbed_only` trains on loss2 alone with logits as vectors (Feature Scattering);
-- `pgd`: PGD adversarial training, loss1 + the task loss on PGD images of the same eps and
-  the same number of ascent steps.
-
-Each is evaluated on clean test images, under uniform noise of the same eps, under the OT
-attack of step 5 and under PGD on the task loss: mAP@0.5 and mAP@[.5:.95] for detection
-(CenterNet-style detector on the embedded street scenes), accuracy for classification (digits
-or a catalogue dataset such as CIFAR-10). Training stops at the step limit or, at every log
-point, when the interval's mean `loss1 + loss2` is at or below the threshold (step 7, `fit`'s
-stop hook); the converged model is stored as a checkpoint with its stop reason. The numbers
-become `Results`; `report.write_report` builds the report from them alone.
+Arms (same data, batches, optimizer, step limit and stopping rule): `clean` (clean-only),
+`ot` (this method: loss1 + loss2 on the target set of k signed ascent steps on the feature
+matching distance `D`, rebuilt from the current parameters every step from step 2's
+perturbed set, drawn once per image before the loop with `ot.initial_set='fixed'`, the
+patent's order, or every step with 'redraw'), `ot_redraw` (the method redrawing its set every
+step, an ablation) and `pgd` (PGD adversarial training with the same eps and ascent steps).
+Step 7 for every arm alike (`ConvergenceCheck`): at each log point the arm's OWN target loss
+(loss1, or loss1 + loss2) at the current parameters on a fixed convergence batch is compared
+with `train.loss_threshold`; else the step limit. Each model is evaluated on all test images:
+clean, under uniform noise of the same eps, under the OT attack of step 5 and under PGD
+(mAP@0.5 and mAP@[.5:.95], or accuracy); draws are keyed per image and padding rows take no
+part in any attack, so no figure depends on the evaluation batch size. The numbers become
+`Results`; `report.write_report` builds the report from them alone.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import math
@@ -46,13 +42,19 @@ PLOTTED_IMAGES = 4
 
 
 def load_data(config: ml_collections.ConfigDict, settings: Settings) -> dict[str, Any]:
-  """The task's data; the test split is cut to `settings.max_test_examples`."""
+  """The task's data; the test split is cut to `settings.max_test_examples`.
+
+  The training split gets `index` (`[N]` int32, each image's position), which keys the
+  image's perturbed set of step 2.
+  """
   if settings.task == "detection":
     data = detection.load_detection_data(config)
   else:
     data = load_classification_data(config)
   n = settings.max_test_examples
   data["test"] = {k: v[:n] for k, v in data["test"].items()}
+  data["train"]["index"] = np.arange(len(data["train"]["image"]), dtype=np.int32)
+  settings.check_convergence_batch(len(data["train"]["image"]))
   return data
 
 
@@ -61,25 +63,39 @@ def load_data(config: ml_collections.ConfigDict, settings: Settings) -> dict[str
 
 
 @dataclasses.dataclass
-class LossThreshold:
-  """Step 7 as `fit`'s stop hook: 'converged' when an interval's mean target loss is low enough.
+class ConvergenceCheck:
+  """Step 7 as `fit`'s stop hook, the same rule for every arm.
 
-  At every log point the mean `loss` (`loss1 + loss2`) of the interval is compared with the
-  threshold (`core.stop_reason`); the last mean seen is kept for the report and saved with each
-  checkpoint (`extras`), so a rerun that finds a stored model still knows it.
+  At every log point the arm's own target loss at the state's current parameters on the
+  convergence batch (`target_loss_fn(params)`) is compared with the threshold
+  (`core.stop_reason`); the logged batch losses play no part. The last value is kept and saved
+  with each checkpoint (`extras`).
 
   Attributes:
     rule: the threshold and step limit.
-    loss: the last interval's mean target loss (NaN before the first log point).
+    target_loss_fn: `params -> {"loss", ...}` on the convergence batch.
+    writer: where the value is logged (phase `<name>/convergence`), or None.
+    name: the training's phase name.
+    loss: the last target loss (NaN before the first log point).
   """
 
   rule: core.ConvergenceRule
+  target_loss_fn: Callable[[Any], dict]
+  writer: Any = None
+  name: str = "train"
   loss: float = math.nan
 
   def __call__(self, step: int, metrics: dict[str, float], train_state: Any) -> str | None:
     """The loop's stop hook: `'converged'` or None (the step limit is the loop's own)."""
-    del train_state
-    self.loss = metrics["loss"]
+    del metrics
+    values = {
+      k: float(v) for k, v in jax.device_get(self.target_loss_fn(train_state.params)).items()
+    }
+    self.loss = values["loss"]
+    if self.writer is not None:
+      self.writer.write(
+        step, {f"target_{k}": v for k, v in values.items()}, phase=f"{self.name}/convergence"
+      )
     return "converged" if core.stop_reason(self.loss, step, self.rule) == "converged" else None
 
   def extras(self) -> dict:
@@ -87,18 +103,26 @@ class LossThreshold:
     return {"loss": self.loss}
 
 
+def convergence_batch(data: dict, settings: Settings, run: fit.Run) -> dict:
+  """The first `convergence_batch_size` training images (with `index`), placed on the mesh."""
+  n = settings.convergence_batch_size
+  parallel.check_batch_divisible(n, run.mesh, "train.convergence_batch_size")
+  keys = task.train_batch_keys(settings.task)
+  return parallel.shard_batch({k: data["train"][k][:n] for k in keys}, run.mesh)
+
+
 def compile_training(
-  config: ml_collections.ConfigDict, model: Any, spec: Spec, training: str, run: fit.Run
-) -> tuple[optax.GradientTransformation, Callable]:
-  """(optimizer, jitted `task.perturbation_train_step`) of an arm, shared by its seeds."""
+  config: ml_collections.ConfigDict, model: Any, spec: Spec, arm: str, run: fit.Run
+) -> tuple[optax.GradientTransformation, Callable, Callable]:
+  """(optimizer, jitted train step, jitted `task.target_loss`) of an arm, shared by its seeds."""
+  training, initial_set = task.arm_training(arm, spec)
   tx = state.make_optimizer(config.optim, config.train.steps)
+  step_fn = functools.partial(task.perturbation_train_step, model=model, tx=tx, spec=spec)
   step = parallel.compile_train_step(
-    functools.partial(
-      task.perturbation_train_step, model=model, tx=tx, spec=spec, training=training
-    ),
-    run.mesh,
+    functools.partial(step_fn, training=training, initial_set=initial_set), run.mesh
   )
-  return tx, step
+  loss = jax.jit(functools.partial(task.target_loss, model=model, spec=spec, training=training))
+  return tx, step, loss
 
 
 def train_model(
@@ -106,43 +130,43 @@ def train_model(
   run: fit.Run,
   data: dict,
   model: Any,
-  training: str,
+  arm: str,
   seed: int,
-  compiled: tuple[optax.GradientTransformation, Callable],
+  compiled: tuple[optax.GradientTransformation, Callable, Callable],
+  check_batch: dict,
 ) -> tuple[Any, dict]:
   """Trains one model with the step-7 rule; resumes from `<workdir>/<name>_checkpoints`.
 
-  `name` is `<training>_seed<seed>_train`; the seed sets the initial parameters, the batch
-  order and the random starts. A model stored as converged is not trained again on a rerun.
-
-  Args:
-    settings: the experiment's settings.
-    run: the run context.
-    data: `load_data`'s output.
-    model: detector or classifier.
-    training: one of `settings.TRAININGS`.
-    seed: the run's seed.
-    compiled: `compile_training`'s output for `training`.
+  `name` is `<arm>_seed<seed>_train`; the seed sets the initial parameters, the batch order
+  and the random draws. A model stored as converged is not trained again on a rerun.
+  `compiled` is `compile_training`'s output for `arm`, `check_batch` `convergence_batch`'s.
 
   Returns:
     (params, {"stop_reason": 'converged' | 'step_limit', "steps": int, "loss": the last
-    interval's mean target loss}).
+    target loss on the convergence batch}).
   """
-  name = f"{training}_seed{seed}_train"
+  name = f"{arm}_seed{seed}_train"
   train = settings.train
   parallel.check_batch_divisible(train.batch_size, run.mesh, "train.batch_size")
-  hook = LossThreshold(core.ConvergenceRule(settings.loss_threshold, train.steps))
   rng = jax.random.key(seed)
-  tx, step = compiled
+  loop_rng = jax.random.fold_in(rng, 1)
+  tx, step, target_loss = compiled
+  hook = ConvergenceCheck(
+    core.ConvergenceRule(settings.loss_threshold, train.steps),
+    lambda params: target_loss(params, check_batch, loop_rng),
+    run.writer,
+    name,
+  )
   sampler = samplers.RandomSampler(len(data["train"]["image"]), train.batch_size, seed)
+  keys = task.train_batch_keys(settings.task)
   result = fit.fit(
     run,
     fit.Phase.from_train_config(name, train),
     params=fit.init_params(model, rng, data["train"]["image"][0]),
     tx=tx,
     step_fn=step,
-    batch_fn=fit.sampled_batch_fn(data["train"], sampler, run.mesh, task.batch_keys(settings.task)),
-    rng=jax.random.fold_in(rng, 1),
+    batch_fn=fit.sampled_batch_fn(data["train"], sampler, run.mesh, keys),
+    rng=loop_rng,
     should_stop=hook,
     extras_fn=hook.extras,
   )
@@ -182,6 +206,9 @@ def evaluate_model(
 ) -> dict[str, dict[str, float]]:
   """Metrics of one model on the test split under every condition.
 
+  Raises:
+    FloatingPointError: on non-finite features or outputs (`task.check_finite`).
+
   Returns:
     `{condition: {"map50", "map"}}` (detection) or `{condition: {"accuracy"}}`.
   """
@@ -189,16 +216,18 @@ def evaluate_model(
   results = {}
   for condition in CONDITIONS:
     fn = functools.partial(eval_steps[condition], key=condition_key(seed, condition))
+    keys = task.batch_keys(spec.task)
     out = predict.predict(
       fn,
       params,
       test,
       batch_size=batch_size,
       mesh=run.mesh,
-      keys=task.batch_keys(spec.task),
-      collect=collect,
+      keys=keys,
+      collect=collect + ("finite",),
       name=f"eval {condition}",
     )
+    task.check_finite(out["finite"], condition)
     if spec.task == "classification":
       results[condition] = {"accuracy": float(np.mean(out["predictions"] == test["label"]))}
       continue
@@ -224,12 +253,12 @@ def plot_data(
   run: fit.Run,
   seed: int,
 ) -> dict:
-  """The arrays the report draws: the OT plan of the first test batch and a few detections.
+  """The arrays the report draws: the OT plan of the first attack group and a few detections.
 
   The first batch is evaluated again as in `evaluate_model` (same keys, same outputs).
 
   Returns:
-    `{"transport_plan": {"plan", "cost"} [B, B]}`, plus for detection `{"detections":
+    `{"transport_plan": {"plan", "cost"} [G, G]}`, plus for detection `{"detections":
     {"ground_truth": per image {"boxes", "classes"}, condition: per image {"image" uint8,
     "boxes", "scores", "classes"}}}` of the first `PLOTTED_IMAGES` images.
   """
@@ -240,9 +269,11 @@ def plot_data(
   for condition in PLOTTED_CONDITIONS:
     got = eval_steps[condition](params, device_batch, key=condition_key(seed, condition))
     out[condition] = {k: np.asarray(v)[valid] for k, v in jax.device_get(got).items()}
+  g = min(spec.ot.group_size, len(out["clean"]["images"]))  # the first group's real images
   plan_fn = jax.jit(functools.partial(task.transport_plan, model=model, spec=spec))
-  plan, cost = jax.device_get(plan_fn(params, out["clean"]["images"], out["ot_attack"]["images"]))
-  data = {"transport_plan": {"plan": _rounded(plan), "cost": _rounded(cost)}}
+  clean, attacked = out["clean"]["images"][:g], out["ot_attack"]["images"][:g]
+  plan, cost = jax.device_get(plan_fn(params, clean, attacked, np.ones(g, np.float32)))
+  data = {"transport_plan": {"plan": report.rounded(plan), "cost": report.rounded(cost)}}
   if spec.task == "detection":
     n = min(PLOTTED_IMAGES, len(out["clean"]["images"]))
     gts = detection.ground_truths({k: v[:n] for k, v in test.items()})
@@ -251,9 +282,9 @@ def plot_data(
       images = np.round(np.clip(o["images"][:n], 0, 1) * 255).astype(np.uint8)
       data["detections"][condition] = [
         {
-          "image": {"shape": images[i].shape, "uint8_base64": _base64(images[i])},
-          "boxes": _rounded(o["boxes"][i]),
-          "scores": _rounded(o["scores"][i]),
+          "image": report.encode_image(images[i]),
+          "boxes": report.rounded(o["boxes"][i]),
+          "scores": report.rounded(o["scores"][i]),
           "classes": o["classes"][i],
         }
         for i in range(n)
@@ -261,26 +292,17 @@ def plot_data(
   return data
 
 
-def _base64(image: np.ndarray) -> str:
-  """The bytes of a uint8 image as base64 text (`report.decode_image` reads it back)."""
-  return base64.b64encode(np.ascontiguousarray(image, np.uint8).tobytes()).decode("ascii")
-
-
-def _rounded(a: np.ndarray) -> list:
-  """`a` as nested lists of floats with 5 significant digits (compact JSON for plots)."""
-  return np.vectorize(lambda v: float(f"{v:.5g}"))(np.asarray(a, np.float64)).tolist()
-
-
 # --------------------------------------------------------------------------------------------
 # The experiment.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains the clean-only, OT-perturbation and PGD arms per seed; evaluates and reports them.
+  """Trains every arm per seed under one stopping rule; evaluates and reports them.
 
   Every arm runs for each seed of `settings.seeds`; per-seed numbers are `Results` records
-  (test split: one condition per evaluation; train split: steps, converged, final loss),
-  saved to `<workdir>/results.json` before the report is built from them.
+  (test split: one condition per evaluation; train split: steps, converged, the last target
+  loss on the convergence batch, wall seconds), saved to `<workdir>/results.json` after every
+  training (so an interrupted run keeps what it finished) before the report is built.
 
   Returns:
     the run summary (also written to `<workdir>/summary.json`).
@@ -291,9 +313,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = task.build_task_model(config, settings.task, data["num_classes"])
   spec = settings.spec(data["num_classes"], data["train"]["image"].shape[1:])
   parallel.check_batch_divisible(settings.train.eval_batch_size, run.mesh, "train.eval_batch_size")
+  check_batch = convergence_batch(data, settings, run)
   eval_steps = compile_eval_steps(model, spec)
-  compiled = {t: compile_training(config, model, spec, t, run) for t in settings.trainings}
-  ot, train = settings.ot, settings.train
+  compiled = {arm: compile_training(config, model, spec, arm, run) for arm in settings.trainings}
+  train = settings.train
   results = Results(
     EXPERIMENT,
     meta={
@@ -301,44 +324,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "dataset": settings.dataset,
       "class_names": list(data["class_names"]),
       "test_images": len(data["test"]["image"]),
-      "setup": {
-        "eps": ot.eps,
-        "alpha": ot.alpha,
-        "ascent_steps": ot.ascent_steps,
-        "attack_steps": ot.attack_steps,
-        "attack_alpha": ot.attack_alpha,
-        "vectors": ot.vectors,
-        "cost": ot.sinkhorn.cost,
-        "sinkhorn_iterations": ot.sinkhorn.max_iterations,
-        "perturbed_only": ot.perturbed_only,
-        "loss_threshold": config.train.loss_threshold,
-        "steps": train.steps,
-      },
+      "train_images": len(data["train"]["image"]),
+      "setup": settings.setup(),
     },
   )
   for seed in settings.seeds:
-    for training in settings.trainings:
-      params, stop = train_model(settings, run, data, model, training, seed, compiled[training])
+    for arm in settings.trainings:
+      started = run.elapsed()
+      params, stop = train_model(settings, run, data, model, arm, seed, compiled[arm], check_batch)
       metrics = evaluate_model(
         params, eval_steps, data["test"], spec, train.eval_batch_size, run, seed
       )
       for condition, values in metrics.items():
-        run.writer.write(stop["steps"], values, phase=f"test/{training}/seed{seed}/{condition}")
-        results.add(training, seed, values, condition=condition)
-      results.add(
-        training,
-        seed,
-        {
-          "steps": stop["steps"],
-          "converged": float(stop["stop_reason"] == "converged"),
-          "loss": stop["loss"],
-        },
-        split="train",
-      )
-      if training == "ot" and seed == settings.seeds[0]:
+        run.writer.write(stop["steps"], values, phase=f"test/{arm}/seed{seed}/{condition}")
+        results.add(arm, seed, values, condition=condition)
+      record = {"steps": stop["steps"], "converged": float(stop["stop_reason"] == "converged")}
+      record.update(loss=stop["loss"], time_s=run.elapsed() - started)
+      results.add(arm, seed, record, split="train")
+      if arm == "ot" and seed == settings.seeds[0]:
         results.meta["plots"] = plot_data(
           params, eval_steps, data["test"], spec, model, train.eval_batch_size, run, seed
         )
-  results.meta["time_s"] = run.elapsed()
-  results.save(workdir)
+      results.meta["time_s"] = run.elapsed()
+      results.save(workdir)
   return report.write_report(results, workdir)

@@ -19,7 +19,10 @@ from research.supervised import classification
 from research.training.settings import TrainSettings
 
 TASKS = ("detection", "classification")
-TRAININGS = ("clean", "ot", "pgd")
+# Arms: clean-only, this method (perturbed set of step 2 as `ot.initial_set` says), this method
+# with the perturbed set redrawn every step (an ablation; needs `ot.initial_set='fixed'`), PGD-AT.
+TRAININGS = ("clean", "ot", "ot_redraw", "pgd")
+INITIAL_SETS = ("fixed", "redraw")
 CONDITIONS = ("clean", "noise", "ot_attack", "pgd")
 VECTORS = ("pooled", "logits")
 TARGET_SETS = ("ascent", "candidates")
@@ -42,6 +45,10 @@ class Perturbation:
     num_candidates: candidate sets for 'candidates'.
     perturbed_only: train on loss2 alone (Feature Scattering).
     sinkhorn: Sinkhorn settings of D (fixed iteration count).
+    initial_set: 'fixed' (step 2's perturbed set drawn once per image, before the loop: the
+      patent's order) or 'redraw' (drawn again every step).
+    group_size: test images matched together by the evaluation OT attack (one transport
+      problem per group; the evaluation batch is a whole number of groups).
   """
 
   eps: float
@@ -55,6 +62,8 @@ class Perturbation:
   num_candidates: int
   perturbed_only: bool
   sinkhorn: core.SinkhornConfig
+  initial_set: str
+  group_size: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +96,9 @@ class Settings:
     seeds: `config.seed + i` for `i < num_seeds`.
     max_test_examples: the test split is cut to this many images.
     train: the shared `train` block.
-    loss_threshold: step 7's preset threshold on the mean target loss of a log interval.
+    loss_threshold: step 7's preset threshold on each arm's own target loss, evaluated at
+      the current parameters on the convergence batch at every log point.
+    convergence_batch_size: the first this many training images are the convergence batch.
     ot: the perturbation settings.
     top_k: detections kept per image (1 for classification).
   """
@@ -99,6 +110,7 @@ class Settings:
   max_test_examples: int
   train: TrainSettings
   loss_threshold: float
+  convergence_batch_size: int
   ot: Perturbation
   top_k: int
 
@@ -117,6 +129,22 @@ class Settings:
       raise config_checks.ConfigError(
         f"config.trainings={trainings} is not allowed: give 'ot' and any of {TRAININGS}"
       )
+    if len(set(trainings)) != len(trainings):
+      raise config_checks.ConfigError(
+        f"config.trainings={trainings} is not allowed: each arm may appear once"
+      )
+    ot = _perturbation(config)
+    if "ot_redraw" in trainings and ot.initial_set == "redraw":
+      raise config_checks.ConfigError(
+        f"config.trainings={trainings} is not allowed with config.ot.initial_set='redraw': "
+        "'ot' already redraws; drop 'ot_redraw' or use initial_set='fixed'"
+      )
+    train = TrainSettings.from_config(config)
+    if train.eval_batch_size % ot.group_size:
+      raise config_checks.ConfigError(
+        f"config.attack.ot_group_size={ot.group_size} is not allowed: it must divide "
+        f"config.train.eval_batch_size={train.eval_batch_size}"
+      )
     seed = config_checks.check_int(config, "seed")
     num_seeds = config_checks.check_int(config, "num_seeds", 1)
     return cls(
@@ -125,11 +153,41 @@ class Settings:
       trainings=trainings,
       seeds=tuple(seed + i for i in range(num_seeds)),
       max_test_examples=config_checks.check_int(config, "data.max_test_examples", 1),
-      train=TrainSettings.from_config(config),
+      train=train,
       loss_threshold=config_checks.check_float(config, "train.loss_threshold"),
-      ot=_perturbation(config),
+      convergence_batch_size=config_checks.check_int(config, "train.convergence_batch_size", 1),
+      ot=ot,
       top_k=top_k,
     )
+
+  def setup(self) -> dict:
+    """The setup facts a report states (JSON)."""
+    ot, train = self.ot, self.train
+    return {
+      "eps": ot.eps,
+      "alpha": ot.alpha,
+      "ascent_steps": ot.ascent_steps,
+      "attack_steps": ot.attack_steps,
+      "attack_alpha": ot.attack_alpha,
+      "vectors": ot.vectors,
+      "cost": ot.sinkhorn.cost,
+      "sinkhorn_iterations": ot.sinkhorn.max_iterations,
+      "perturbed_only": ot.perturbed_only,
+      "initial_set": ot.initial_set,
+      "ot_group_size": ot.group_size,
+      "loss_threshold": self.loss_threshold,
+      "convergence_batch_size": self.convergence_batch_size,
+      "steps": train.steps,
+      "batch_size": train.batch_size,
+    }
+
+  def check_convergence_batch(self, num_train: int) -> None:
+    """Fails when the convergence batch asks for more images than the training set has."""
+    if self.convergence_batch_size > num_train:
+      raise config_checks.ConfigError(
+        f"config.train.convergence_batch_size={self.convergence_batch_size} is not allowed: "
+        f"the training set has {num_train} images; use at most {num_train}"
+      )
 
   def spec(self, num_classes: int, image_shape: tuple[int, ...]) -> Spec:
     """The `Spec` for data with `num_classes` classes and images of `image_shape` [H, W, C]."""
@@ -167,6 +225,8 @@ def _perturbation(config: ml_collections.ConfigDict) -> Perturbation:
     target_set=config_checks.check_choice(config, "ot.target_set", TARGET_SETS),
     num_candidates=config_checks.check_int(config, "ot.num_candidates", 1),
     perturbed_only=bool(config_checks.check_choice(config, "ot.perturbed_only", (True, False))),
+    initial_set=config_checks.check_choice(config, "ot.initial_set", INITIAL_SETS),
+    group_size=config_checks.check_int(config, "attack.ot_group_size", 1),
     sinkhorn=core.SinkhornConfig(
       epsilon=config_checks.check_float(config, "ot.sinkhorn_epsilon", 0.0, exclusive_minimum=True),
       cost=config_checks.check_choice(config, "ot.cost", core.COST_KINDS),

@@ -30,10 +30,47 @@ def test_street_tables_match_semantic_instance_reference():
     assert len(ours) == len(ref_table)
 
 
-def test_too_many_segments_is_an_error():
-  maps = np.arange(1, 17, dtype=np.int32).reshape(1, 4, 4) + 1000
-  with pytest.raises(ValueError, match="max_segments=8"):
-    _tables(maps)
+def test_too_many_segments_keep_the_largest_and_are_counted():
+  maps = np.full((2, 4, 4), 1000, np.int32)
+  maps[0].flat[:10] = 1000 + np.arange(10)  # 10 one-pixel segments + the 6-pixel 1000 segment
+  tables = _tables(maps)  # G = 8
+  np.testing.assert_array_equal(tables["segment_truncated"], [2, 0])
+  assert tables["segment_valid"][0].all() and tables["segment_ids"][0, 0] == 1000
+  assert tables["segment_valid"][1].sum() == 1
+  # The training targets cover only the kept segments; the others are void for training.
+  targets = panoptic.panoptic_targets(tables, range(9), (4, 4), 8)
+  assert targets["target_valid"][0].sum() == 8
+
+
+@pytest.mark.parametrize("max_segments", [0, -3])
+def test_max_segments_must_be_positive(max_segments):
+  with pytest.raises(ValueError, match=f"max_segments={max_segments}"):
+    panoptic.street_panoptic_arrays(
+      {"image": np.zeros((1, 4, 4, 3), np.uint8), "panoptic": np.zeros((1, 4, 4), np.int32)},
+      max_segments,
+    )
+  with pytest.raises(ValueError, match=f"max_segments={max_segments}"):
+    panoptic.coco_panoptic_arrays([], 4, max_segments)
+
+
+def test_ground_truth_reads_records_at_their_resolution_and_upsampling():
+  maps = {0: np.arange(12).reshape(3, 4), 1: np.zeros((5, 2), np.int64)}
+  truth = panoptic.GroundTruth(2, lambda i: (maps[i], {}))
+  assert truth[0][0].shape == (3, 4) and truth[1][0].shape == (5, 2) and len(truth) == 2
+  with pytest.raises(IndexError):
+    truth[2]
+  pred = np.array([[1, 2], [3, 4]])
+  np.testing.assert_array_equal(
+    panoptic.upsample_segment_map(pred, (3, 4)), [[1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
+  )
+
+
+def test_class_map():
+  maps = np.zeros((1, 4, 4), np.int32)
+  maps[0, :2] = 6001  # car on the top half
+  maps[0, 2:, :2] = 1000  # road bottom left; bottom right void
+  out = panoptic.class_map(_tables(maps), (2, 2))
+  np.testing.assert_array_equal(out[0], [[5, 5], [0, -1]])
 
 
 def test_block_downsample_against_loop():
@@ -99,6 +136,10 @@ def test_coco_records_to_targets():
     _coco_record(4, 4, np.zeros((4, 4)), []),
   ]
   arrays = panoptic.coco_panoptic_arrays(records, 4, 5)
+  # A function of the record index reads them one at a time the same way.
+  again = panoptic.coco_panoptic_arrays(records.__getitem__, 4, 5, count=2)
+  for k in arrays:
+    np.testing.assert_array_equal(arrays[k], again[k])
   # Nearest sampling at pixel centres: rows 1, 3, 5, 7; columns 1, 4, 7, 10.
   np.testing.assert_array_equal(arrays["image"][0], records[0]["image"][1::2][:, [1, 4, 7, 10]])
   np.testing.assert_array_equal(arrays["panoptic"][0], ids_map[1::2][:, [1, 4, 7, 10]])

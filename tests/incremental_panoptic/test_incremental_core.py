@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
+from scipy import ndimage
 
 from research.incremental_panoptic import core
 
@@ -53,6 +55,7 @@ def np_pseudo_labels(
   min_area_ratio=0.5,
   query_score_threshold=0.0,
   overlap_rule="drop_matched",
+  min_component_area=0,
 ):
   q_count, h, w = mask_logits.shape
   probs = np_softmax(cls_logits.astype(np.float64))
@@ -86,6 +89,14 @@ def np_pseudo_labels(
     for y in range(h):
       for x in range(w):
         on = keep[q] and mp[q, y, x] >= noise_threshold
+        masks[q, y, x] = on
+    labels, _ = ndimage.label(masks[q])
+    sizes = np.bincount(labels.ravel())
+    for y in range(h):
+      for x in range(w):
+        on = masks[q, y, x] and (
+          min_component_area <= 1 or sizes[labels[y, x]] >= min_component_area
+        )
         if overlap_rule in ("remove_true_pixels", "drop_matched_true_wins"):
           on = on and not any(true_valid[t] and true_masks[t, y, x] for t in range(len(true_valid)))
         masks[q, y, x] = on
@@ -197,6 +208,13 @@ def test_pipeline_crafted_noise_threshold_and_max_owners():
     {"overlap_rule": "remove_true_pixels", "noise_threshold": 0.6},
     {"overlap_rule": "drop_matched_true_wins", "match_iou": 0.2},
     {"match_iou": 0.2, "query_score_threshold": 0.3, "min_area_ratio": 0.8},
+    {"noise_threshold": 0.7, "min_component_area": 2, "min_area_ratio": 0.2},
+    {
+      "overlap_rule": "remove_true_pixels",
+      "noise_threshold": 0.6,
+      "min_component_area": 3,
+      "min_area_ratio": 0.2,
+    },  # fmt: skip
   ],
 )
 def test_pipeline_random_against_numpy_loop(kwargs):
@@ -403,69 +421,164 @@ def test_merge_targets_rejects_too_small_max_targets():
 
 
 # ----------------------------------------------------------------------------------------------
-# Distillation loss (METHODS.md M4 step 5).
+# Distillation loss (METHODS.md M4 step 5): every class of the historical prediction, no-object
+# included. References: tests/references.py (written from the patent's sentence and from
+# CoMFormer's formula, not from core.py).
+
+FORMS = {"fold_new_into_no_object": True, "log_softmax_all": False}
 
 
-def np_distillation(cur, hist, old, weighting, temperature, reduction):
-  cur, hist = cur.astype(np.float64), hist.astype(np.float64)
-  total, weight_sum = 0.0, 0.0
-  for q in range(cur.shape[0]):
-    p_no_object = np_softmax(hist[q])[-1]
-    w = {"one_minus_no_object": 1 - p_no_object, "squared": (1 - p_no_object) ** 2, "none": 1}[
-      weighting
-    ]
-    ph = np_softmax(hist[q, :-1][old] / temperature)
-    pc = np_softmax(cur[q, :-1][old] / temperature)
-    kl = sum(ph[k] * (np.log(ph[k]) - np.log(pc[k])) for k in range(len(ph)))
-    total += w * kl * temperature**2
-    weight_sum += w
-  return total / cur.shape[0] if reduction == "mean" else total / weight_sum
-
-
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("weighting", ["one_minus_no_object", "none", "squared"])
 @pytest.mark.parametrize("temperature,reduction", [(1.0, "mean"), (2.0, "weighted_mean")])
-def test_distillation_loss_against_numpy(weighting, temperature, reduction):
+def test_distillation_loss_against_patent_reference(form, weighting, temperature, reduction):
   rs = np.random.RandomState(1)
   cur = rs.normal(0, 2, (5, C + 1)).astype(np.float32)
   hist = rs.normal(0, 2, (5, C + 1)).astype(np.float32)
   old = np.array([True, False, True, False])
   got = core.distillation_loss(
-    jnp.asarray(cur),
-    jnp.asarray(hist),
-    jnp.asarray(old),
-    weighting=weighting,
+    jnp.asarray(cur), jnp.asarray(hist), jnp.asarray(old), weighting=weighting,
+    temperature=temperature, reduction=reduction, form=form,
+  )  # fmt: skip
+  want = references.incremental_distillation(
+    cur, hist, old, fold=FORMS[form], weighting=weighting, reduction=reduction,
     temperature=temperature,
-    reduction=reduction,
-  )
-  want = np_distillation(cur, hist, old, weighting, temperature, reduction)
+  )  # fmt: skip
   assert want > 1e-3
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_comformer_distillation_against_its_formula():
+  """A batch [B, Q, C + 1], old classes first: CoMFormer normalises over the whole batch."""
+  rs = np.random.RandomState(4)
+  student = rs.normal(0, 2, (3, 6, C + 1)).astype(np.float32)
+  hist = rs.normal(0, 2, (3, 6, C + 1)).astype(np.float32)
+  teacher = np.concatenate([hist[..., :2], hist[..., -1:]], -1)  # its old classes + no-object
+  got = core.distillation_loss(
+    jnp.asarray(student), jnp.asarray(hist), jnp.asarray(OLD), weighting="squared",
+    reduction="weighted_mean", form="log_softmax_all",
+  )  # fmt: skip
+  np.testing.assert_allclose(got, references.comformer_distillation(student, teacher, 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("drift_to", [2, C])  # a new class, no-object
+def test_drift_from_an_old_class_is_penalised_and_pulled_back(form, drift_to):
+  """The issue's case: historical [4, 1, 0, 0, 0]; the current query +20 on no-object or on a
+  new class. p(class 0) falls from ~0.9 to ~1e-8: the loss is large and the gradient lowers
+  the drifted logit and raises class 0."""
+  hist = jnp.array([[4.0, 1.0, 0.0, 0.0, 0.0]])
+  cur = hist.at[0, drift_to].add(20.0)
+  loss_fn = functools.partial(core.distillation_loss, old_class_mask=jnp.asarray(OLD), form=form)
+  loss, grad = jax.value_and_grad(loss_fn)(cur, hist)
+  assert float(loss) > 5.0
+  assert float(grad[0, drift_to]) > 0.0 and float(grad[0, 0]) < 0.0
+  # A gradient step moves back towards the historical prediction.
+  assert float(loss_fn(cur - 0.5 * grad, hist)) < float(loss)
+  # Without drift (and a historical model that gives its new classes no mass) nothing to do.
+  quiet = jnp.array([[4.0, 1.0, -30.0, -30.0, 0.0]])
+  np.testing.assert_allclose(loss_fn(quiet, quiet), 0.0, atol=1e-6)
+
+
+def test_distillation_gives_no_gradient_to_the_historical_model():
+  rs = np.random.RandomState(2)
+  cur = jnp.asarray(rs.normal(size=(4, C + 1)).astype(np.float32))
+  hist = jnp.asarray(rs.normal(size=(4, C + 1)).astype(np.float32))
+  grad_cur, grad_hist = jax.grad(core.distillation_loss, argnums=(0, 1))(cur, hist, OLD)
+  chex.assert_tree_all_finite(grad_cur)
+  # Every current logit (old, new and no-object) takes part; the teacher gets nothing.
+  assert (np.abs(np.asarray(grad_cur)) > 0).all()
+  np.testing.assert_array_equal(grad_hist, 0.0)
 
 
 def test_distillation_weights_decrease_with_no_object():
   hist = np.zeros((3, C + 1), np.float32)
   hist[:, -1] = [-2.0, 0.0, 3.0]
   for weighting in ("one_minus_no_object", "squared"):
-    w = np.asarray(core.distillation_weights(jnp.asarray(hist), weighting))
+    w = np.asarray(core.distillation_weights(jnp.asarray(hist), weighting, OLD))
     assert w[0] > w[1] > w[2] > 0
 
 
-def test_distillation_gradients():
-  rs = np.random.RandomState(2)
-  cur = jnp.asarray(rs.normal(size=(4, C + 1)).astype(np.float32))
-  hist = jnp.asarray(rs.normal(size=(4, C + 1)).astype(np.float32))
-  old = jnp.asarray(OLD)
-  grad_cur, grad_hist = jax.grad(core.distillation_loss, argnums=(0, 1))(cur, hist, old)
-  chex.assert_tree_all_finite(grad_cur)
-  # Only old-class logits of the current model receive gradient; the teacher gets none.
-  assert np.abs(np.asarray(grad_cur)[:, :2]).sum() > 0
-  np.testing.assert_array_equal(np.asarray(grad_cur)[:, 2:], 0.0)
-  np.testing.assert_array_equal(grad_hist, 0.0)
-  np.testing.assert_allclose(core.distillation_loss(hist, hist, old), 0.0, atol=1e-7)
+def test_distillation_traced_class_split_compiles_once():
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def loss(cur, hist, old):
+    return core.distillation_loss(cur, hist, old)
+
+  z = jnp.ones((2, C + 1))
+  a = loss(z, z.at[:, 0].set(3.0), jnp.asarray(OLD))
+  b = loss(z, z.at[:, 0].set(3.0), jnp.asarray(~OLD))
+  assert float(a) != float(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise removal that does something at the experiment's default.
+
+
+def test_component_sizes_against_scipy_label():
+  rs = np.random.RandomState(5)
+  masks = rs.rand(4, 9, 11) < 0.45
+  got = np.asarray(jax.jit(core.component_sizes)(jnp.asarray(masks)))
+  for q in range(4):
+    labels, _ = ndimage.label(masks[q])  # 4-connectivity
+    sizes = np.bincount(labels.ravel())
+    np.testing.assert_array_equal(got[q], np.where(masks[q], sizes[labels], 0))
+
+
+def test_remove_noisy_pixels_threshold_and_components():
+  probs = np.full((1, 6, 6), 0.1, np.float32)
+  probs[0, :3, :3] = 0.95  # a 9-pixel blob
+  probs[0, 2, :3] = 0.6  # its uncertain rim
+  probs[0, 5, 5] = 0.95  # a one-pixel speck
+  keep = jnp.array([True])
+  off = np.asarray(core.remove_noisy_pixels(jnp.asarray(probs), keep))
+  assert off.sum() == 10  # threshold 0.5, no area rule: binarisation
+  on = np.asarray(core.remove_noisy_pixels(jnp.asarray(probs), keep, 0.7, 2))
+  np.testing.assert_array_equal(on[0], block((0, 2), (0, 3), (6, 6)))
+
+
+def test_default_noise_removal_changes_pseudo_labels():
+  """The experiment's defaults (0.7, 2) change the crafted scene's pseudo labels; 0.5, 0 do not
+  differ from binarisation."""
+  from configs import incremental_panoptic_street
+
+  method = incremental_panoptic_street.get_config("demo").method
+  scene = list(crafted_scene())
+  scene[1] = scene[1].copy()
+  scene[1][2, 4:8, 4:8] = 0.5  # q2: a rim with p ~ 0.62
+  scene[1][4, 0, 3] = 0.5
+  scene[1][2, 0, 0] = 3.0  # q2: a speck far from it
+  kwargs = {
+    "noise_threshold": method.noise_threshold,
+    "min_component_area": method.min_component_area,
+  }
+  default, _, default_valid = run_pipeline(scene, **kwargs)
+  binarised, _, valid = run_pipeline(scene)
+  assert (default != binarised).any()
+  assert not default[2, 0, 0] and binarised[2, 0, 0]
 
 
 # ----------------------------------------------------------------------------------------------
 # Bad input.
+
+
+@pytest.mark.parametrize(
+  "steps,match",
+  [
+    ([[0, 1], [1, 2, 3]], r"class 1 is also in class_steps\[0\]"),
+    ([[0, 1], [2]], r"classes \[3\] are in no step"),
+    ([[0, 1], [2, 3, 7]], r"classes \[7\] are unknown"),
+    ([[0, 1], [], [2, 3]], r"class_steps\[1\]=\[\] is not allowed: every step needs a new class"),
+    ([[0, 1, 2, 3]], "at least one incremental step"),
+  ],
+)
+def test_check_class_steps_rejects(steps, match):
+  with pytest.raises(ValueError, match=match):
+    core.check_class_steps(steps, 4)
+
+
+def test_check_class_steps_accepts_a_partition():
+  core.check_class_steps([[2, 0], [1], [3]], 4)
 
 
 def test_check_class_split():
@@ -487,6 +600,7 @@ def test_check_class_split():
     ({"max_owners": 0}, "max_owners=0"),
     ({"min_area_ratio": -0.1}, "min_area_ratio=-0.1"),
     ({"overlap_rule": "merge"}, "overlap_rule='merge'"),
+    ({"min_component_area": -1}, "min_component_area=-1"),
   ],
 )
 def test_pseudo_labels_rejects_bad_config(kwargs, match):

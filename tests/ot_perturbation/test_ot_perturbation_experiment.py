@@ -1,6 +1,7 @@
 """M5 end to end (smoke), the convergence rule, evaluation keys and the config checks."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -55,24 +56,37 @@ def test_reachable_threshold_stops_converged_and_stores_the_model(tmp_path):
   config.train.loss_threshold = 1e9
   settings, data, model, spec = _setup(config)
   run = fit.start_run(str(tmp_path))
+  check_batch = experiment.convergence_batch(data, settings, run)
   compiled = experiment.compile_training(config, model, spec, "clean", run)
-  params, stop = experiment.train_model(settings, run, data, model, "clean", 0, compiled)
+  params, stop = experiment.train_model(
+    settings, run, data, model, "clean", 0, compiled, check_batch
+  )
   assert stop["stop_reason"] == "converged" and stop["steps"] == 2
   assert (tmp_path / "clean_seed0_train_checkpoints" / "2").exists()
   logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  (at_stop,) = [m for m in logged if m.get("step") == 2 and "loss" in m]
-  assert stop["loss"] == at_stop["loss"]  # the interval's mean, as logged
+  (at_stop,) = [m for m in logged if m.get("phase") == "clean_seed0_train/convergence"]
+  assert at_stop["step"] == 2 and stop["loss"] == at_stop["target_loss"]
   # A rerun finds the stored model, does not train again and still knows the loss.
-  again, stop2 = experiment.train_model(settings, run, data, model, "clean", 0, compiled)
+  again, stop2 = experiment.train_model(
+    settings, run, data, model, "clean", 0, compiled, check_batch
+  )
   assert stop2 == stop
   jax.tree.map(np.testing.assert_array_equal, params, again)
 
 
-def test_loss_threshold_hook_compares_the_interval_mean():
-  hook = experiment.LossThreshold(core.ConvergenceRule(0.5, 10))
-  assert hook(2, {"loss": 0.6}, None) is None and hook.extras() == {"loss": 0.6}
-  assert hook(4, {"loss": 0.5}, None) == "converged"
-  assert hook(10, {"loss": 0.7}, None) is None  # the step limit is the loop's own
+def test_convergence_check_evaluates_the_target_loss_of_the_current_parameters():
+  seen = []
+
+  def target_loss(params):
+    seen.append(params)
+    return {"loss": params}
+
+  hook = experiment.ConvergenceCheck(core.ConvergenceRule(0.5, 10), target_loss)
+  state = lambda p: types.SimpleNamespace(params=p)  # noqa: E731
+  assert hook(2, {"loss": 0.0}, state(0.6)) is None and hook.extras() == {"loss": 0.6}
+  assert hook(4, {"loss": 9.0}, state(0.5)) == "converged"
+  assert hook(10, {"loss": 0.0}, state(0.7)) is None  # the step limit is the loop's own
+  assert seen == [0.6, 0.5, 0.7]
 
 
 def test_two_seeds_report_mean_std_and_paired_verdicts(tmp_path, monkeypatch):
@@ -104,7 +118,7 @@ def test_two_seeds_report_mean_std_and_paired_verdicts(tmp_path, monkeypatch):
   assert set(summary["bar"]["verdicts"].values()) <= {"wins", "ties", "loses"}
 
 
-def test_evaluation_keys_each_batch_by_its_position_in_the_split(rng):
+def test_evaluation_draws_are_keyed_by_each_image_not_by_its_batch(rng):
   config = ot_perturbation_digits.get_config("smoke")
   settings, data, model, spec = _setup(config)
   params = model.init(rng, jnp.zeros((1, 28, 28, 1)))["params"]
@@ -116,26 +130,31 @@ def test_evaluation_keys_each_batch_by_its_position_in_the_split(rng):
     fn, params, test, batch_size=8, mesh=mesh, keys=("image", "label"), collect=("images",)
   )
   x = test["image"] / np.float32(255)
-  padded = np.concatenate([x, np.repeat(x[-1:], 4, axis=0)])  # the last batch repeats its end
-  for b in range(2):
-    rows = slice(8 * b, 8 * b + 8)
-    want = core.perturbed_images(jax.random.fold_in(key, b), padded[rows], eps=spec.ot.eps)
-    np.testing.assert_allclose(out["images"][rows], np.asarray(want)[: len(x[rows])], atol=1e-6)
+  for i in range(12):
+    want = core.perturbed_images(jax.random.fold_in(key, i), x[i : i + 1], eps=spec.ot.eps)
+    np.testing.assert_allclose(out["images"][i], np.asarray(want)[0], atol=1e-6)
 
 
 def test_evaluation_attacks_step_by_attack_alpha_not_the_training_alpha(rng):
   config = ot_perturbation_digits.get_config("smoke")
   config.ot.alpha, config.attack.alpha, config.attack.steps = 0.1, 1e-6, 1
+  config.attack.ot_group_size = 4
   model = task.build_task_model(config, "classification", 10)
   images = np.random.default_rng(0).integers(0, 255, (4, 28, 28, 1), dtype=np.uint8)
   spec = Settings.from_config(config).spec(10, images.shape[1:])
   params = model.init(rng, jnp.zeros((1, 28, 28, 1)))["params"]
-  batch = {"image": images, "label": np.arange(4)}
+  index = np.arange(4, dtype=np.int32)
+  batch = {"image": images, "label": np.arange(4), "valid": np.ones(4, bool), "index": index}
   key = jax.random.key(3)
-  start = core.perturbed_images(key, images / np.float32(255), kind="uniform", eps=spec.ot.eps)
+  start = task.random_starts(
+    task.image_keys(key, index), images / np.float32(255), kind="uniform", eps=spec.ot.eps
+  )
   for condition in ("pgd", "ot_attack"):
-    x = task.perturbed_test_images(params, batch, key, model=model, spec=spec, condition=condition)
+    x, finite = task.perturbed_test_images(
+      params, batch, key, model=model, spec=spec, condition=condition
+    )
     np.testing.assert_allclose(x, start, atol=2e-6)  # one step of 1e-6 from the random start
+    assert np.all(np.asarray(finite))
 
 
 def test_thing_boxes_map_classes_5_to_8_onto_0_to_3():
@@ -172,6 +191,7 @@ def test_logit_vectors_of_the_detector_are_flattened_heatmaps(rng):
     ("attack.alpha", 0.0, "config.attack.alpha"),
     ("num_seeds", 0, "config.num_seeds"),
     ("train.eval_batch_size", 0, "config.train.eval_batch_size"),
+    ("trainings", ("clean", "ot", "adversarial"), "config.trainings"),
   ],
 )
 def test_bad_config_values_raise(field, value, match):
