@@ -1,17 +1,13 @@
 """Baseline: ResNet classifier on the embedded digits. Args: None (full), 'demo' or 'smoke'."""
 
-import ml_collections
-
 from configs import common, sizes
 
 
 def get_config(arg=None):
   size = sizes.parse(arg)
-  config = ml_collections.ConfigDict()
-  config.experiment = "supervised_classification"
-  config.seed = 0
+  config = common.new_config("supervised_classification", size)
   config.data = dict(name="digits", data_dir="", imbalance_ratio=1.0)
-  config.model = dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, stem_strides=1)
+  config.model = common.digits_resnet()
   config.optim = common.adam(size)
   config.train = common.train(
     size,

@@ -1,8 +1,10 @@
-"""Config blocks every experiment shares: the optimizer and the `train` block.
+"""Config blocks every experiment shares: the header, the ResNets, the optimizer and `train`.
 
 A value given as a `(full, demo, smoke)` tuple is picked by size; any other value is used at
 every size.
 """
+
+import ml_collections
 
 from configs import sizes
 
@@ -12,6 +14,36 @@ def by_size(size, value):
   if isinstance(value, tuple) and len(value) == 3:
     return sizes.pick(size, full=value[0], demo=value[1], smoke=value[2])
   return value
+
+
+def new_config(experiment, size, num_seeds=None):
+  """A new config holding the fields every experiment starts with.
+
+  Args:
+    experiment: the experiment's name (`config.experiment`).
+    size: one of `sizes.SIZES`.
+    num_seeds: seeds to run, an int or a `(full, demo, smoke)` tuple; None leaves
+      `config.num_seeds` unset.
+
+  Returns:
+    A `ConfigDict` with `experiment`, `seed` (0) and, when given, `num_seeds`.
+  """
+  config = ml_collections.ConfigDict()
+  config.experiment = experiment
+  config.seed = 0
+  if num_seeds is not None:
+    config.num_seeds = by_size(size, num_seeds)
+  return config
+
+
+def digits_resnet():
+  """The small ResNet of the embedded-digits configs: 3 stages of 1 block, widths 16/32/64."""
+  return dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, stem_strides=1)
+
+
+def cifar_resnet():
+  """The ResNet of the CIFAR-10 variants of the digits configs: 3 stages of 2 blocks."""
+  return dict(stage_sizes=(2, 2, 2), widths=(32, 64, 128), embedding_dim=64, stem_strides=1)
 
 
 def adam(size, learning_rate=3e-3, warmup_steps=20, schedule="cosine"):

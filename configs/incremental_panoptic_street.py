@@ -7,17 +7,12 @@ Steps: step 0 learns the stuff classes and car; step 1 truck; step 2 person and 
 step's arms continue from their own model of the step before (the historical model).
 """
 
-import ml_collections
-
 from configs import common, sizes
 
 
 def get_config(arg=None):
   size = sizes.parse(arg)
-  config = ml_collections.ConfigDict()
-  config.experiment = "incremental_panoptic"
-  config.seed = 0
-  config.num_seeds = sizes.pick(size, full=5, demo=3, smoke=1)
+  config = common.new_config("incremental_panoptic", size, num_seeds=(5, 3, 1))
   config.data = dict(
     name="street_scenes",
     data_dir="",

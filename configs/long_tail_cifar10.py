@@ -25,28 +25,14 @@ many-shot, two medium and none few-shot; at rho = 10 all ten are many-shot, so o
 accuracy compares with the anchors. Head set: classes with more than 100 training images.
 """
 
-import ml_collections
-
 from configs import common, sizes
-
-METHODS = (
-  "dual",
-  "dual_all_head",
-  "dual_alternating",
-  "ce",
-  "ce_balanced",
-  "logit_adjusted",
-  "triplet",
-)
+from research.long_tail.settings import METHODS
 
 
 def cifar_lt_config(arg, *, name: str, p: int, k: int, head_threshold: int):
   """The CIFAR-LT config shared by CIFAR-10-LT and CIFAR-100-LT."""
   size = sizes.parse(arg)
-  config = ml_collections.ConfigDict()
-  config.experiment = "long_tail"
-  config.seed = 0
-  config.num_seeds = sizes.pick(size, full=3, demo=1, smoke=1)
+  config = common.new_config("long_tail", size, num_seeds=(3, 1, 1))
   config.methods = sizes.pick(size, full=METHODS, demo=METHODS, smoke=("dual", "ce"))
   config.data = dict(
     name=name,

@@ -27,29 +27,15 @@ Arms (`methods`): `dual`, `dual_all_head` (every class in the head: isolates the
 was tuned on the test split (lambda = 1, margin 0.2, head threshold 40 are untuned defaults).
 """
 
-import ml_collections
-
 from configs import common, sizes
-
-METHODS = (
-  "dual",
-  "dual_all_head",
-  "dual_alternating",
-  "ce",
-  "ce_balanced",
-  "logit_adjusted",
-  "triplet",
-)
+from research.long_tail.settings import METHODS
 
 
 def get_config(arg=None):
   size = sizes.parse(arg)
-  config = ml_collections.ConfigDict()
-  config.experiment = "long_tail"
-  config.seed = 0
   # Seeds: the paired few-shot difference needs about 2 * std / sqrt(n) < 3 points (the report
   # computes the SE obtained and the seeds a 3-point difference would need).
-  config.num_seeds = sizes.pick(size, full=10, demo=5, smoke=1)
+  config = common.new_config("long_tail", size, num_seeds=(10, 5, 1))
   config.methods = sizes.pick(size, full=METHODS, demo=METHODS, smoke=("dual", "ce"))
   config.data = dict(
     name="digits",
@@ -69,7 +55,7 @@ def get_config(arg=None):
   )
   config.loss = dict(lambda_ce=1.0, lambda_tri=1.0, logit_adjust_tau=1.0)
   config.eval = dict(many=50, few=20)
-  config.model = dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, stem_strides=1)
+  config.model = common.digits_resnet()
   config.optim = common.adam(size)
   config.train = common.train(
     size,

@@ -6,7 +6,7 @@ Set `config.data.data_dir` to the directory where `tfds build cifar10 --data_dir
 
 import ml_collections
 
-from configs import norm_selection_digits, sizes
+from configs import common, norm_selection_digits, sizes
 
 
 def get_config(arg=None):
@@ -15,9 +15,7 @@ def get_config(arg=None):
   config.data.name = "cifar10"
   config.data.max_train_examples = sizes.pick(size, full=0, demo=2000, smoke=0)
   config.data.max_test_examples = sizes.pick(size, full=0, demo=500, smoke=0)
-  config.model = ml_collections.ConfigDict(
-    dict(stage_sizes=(2, 2, 2), widths=(32, 64, 128), embedding_dim=64, stem_strides=1)
-  )
+  config.model = ml_collections.ConfigDict(common.cifar_resnet())
   config.train.steps_per_round = sizes.pick(size, full=2000, demo=100, smoke=2)
   config.train.batch_size = sizes.pick(size, full=128, demo=64, smoke=8)
   config.selection.m = sizes.pick(size, full=100, demo=10, smoke=1)

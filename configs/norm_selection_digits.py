@@ -1,20 +1,15 @@
 """M2 norm-ranked selection loop on the embedded digits. Args: None (full), 'demo' or 'smoke'."""
 
-import ml_collections
-
 from configs import common, sizes
 
 
 def get_config(arg=None):
   size = sizes.parse(arg)
-  config = ml_collections.ConfigDict()
-  config.experiment = "norm_selection"
-  config.seed = 0
-  config.num_seeds = sizes.pick(size, full=5, demo=3, smoke=1)
+  config = common.new_config("norm_selection", size, num_seeds=(5, 3, 1))
   config.data = dict(
     name="digits", data_dir="", imbalance_ratio=1.0, max_train_examples=0, max_test_examples=0
   )
-  config.model = dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, stem_strides=1)
+  config.model = common.digits_resnet()
   config.optim = common.adam(size, warmup_steps=10)
   config.train = dict(
     # Every round (and every strategy) trains this many steps with one compiled step function.

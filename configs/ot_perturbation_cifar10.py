@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import ot_perturbation_digits, sizes
+from configs import common, ot_perturbation_digits, sizes
 
 
 def get_config(arg=None):
@@ -10,9 +10,7 @@ def get_config(arg=None):
   config = ot_perturbation_digits.get_config(arg)
   config.data.name = "cifar10"
   config.data.max_test_examples = sizes.pick(size, full=10000, demo=512, smoke=16)
-  config.model = ml_collections.ConfigDict(
-    dict(stage_sizes=(2, 2, 2), widths=(32, 64, 128), embedding_dim=64, stem_strides=1)
-  )
+  config.model = ml_collections.ConfigDict(common.cifar_resnet())
   config.train.steps = sizes.pick(size, full=20000, demo=200, smoke=2)
   config.train.batch_size = sizes.pick(size, full=128, demo=32, smoke=8)
   config.ot.eps = 8.0 / 255.0

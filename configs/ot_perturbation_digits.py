@@ -14,7 +14,7 @@ def get_config(arg=None):
     imbalance_ratio=1.0,
     max_test_examples=sizes.pick(size, full=500, demo=256, smoke=16),
   )
-  config.model = dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, stem_strides=1)
+  config.model = common.digits_resnet()
   config.optim = common.adam(size, warmup_steps=(20, 10, 0))
   config.train = common.train(
     size,

@@ -1,7 +1,5 @@
 """M5: detection on clean + OT-matched perturbed street scenes. Args: None, demo or smoke."""
 
-import ml_collections
-
 from configs import common, sizes
 
 
@@ -10,14 +8,11 @@ def method_config(task, num_seeds, *, eps, alpha, ascent_steps, size):
 
   `num_seeds`, `eps`, `alpha` and `ascent_steps` may be `(full, demo, smoke)` tuples.
   """
-  config = ml_collections.ConfigDict()
-  config.experiment = "ot_perturbation"
+  config = common.new_config("ot_perturbation", size, num_seeds=num_seeds)
   config.task = task
-  config.seed = 0
   # clean-only, this method (initial_set as below), this method redrawing its perturbed set
   # every step (ablation), PGD adversarial training.
   config.trainings = ("clean", "ot", "ot_redraw", "pgd")
-  config.num_seeds = common.by_size(size, num_seeds)
   config.ot = dict(
     eps=common.by_size(size, eps),
     alpha=common.by_size(size, alpha),

@@ -1,15 +1,11 @@
 """Baseline: segmenter on the embedded street scenes. Args: None (full), 'demo' or 'smoke'."""
 
-import ml_collections
-
 from configs import common, sizes
 
 
 def get_config(arg=None):
   size = sizes.parse(arg)
-  config = ml_collections.ConfigDict()
-  config.experiment = "supervised_segmentation"
-  config.seed = 0
+  config = common.new_config("supervised_segmentation", size)
   config.data = dict(
     name="street_scenes",
     data_dir="",

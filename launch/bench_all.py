@@ -133,9 +133,7 @@ def main(argv):
     for what, ratio in record["ratios"].items():
       print(f"{what:<58} {ratio:6.2f}   {load}")
   combined["machine"]["load_average_end"] = list(os.getloadavg())
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(combined, f, indent=2, default=float)
+  bench_common.write_json(_OUT.value, combined, default=float)
   print(f"wrote {_OUT.value}")
 
 

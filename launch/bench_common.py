@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
 
@@ -17,6 +18,19 @@ _PEERS = (
   "pytorch_metric_learning",
   "scipy",
 )
+
+
+def write_json(path: str, data, default=None) -> None:
+  """Writes a benchmark's results to the JSON file `path`, creating its folder.
+
+  Args:
+    path: the output file.
+    data: the results (JSON-serialisable, or made so by `default`).
+    default: `json.dump`'s `default`, called on objects it cannot serialise (e.g. `float`).
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2, default=default)
 
 
 def cpu_model() -> str:

@@ -20,7 +20,6 @@ with machine info.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -195,9 +194,7 @@ def main(argv):
       st = results["step"][v]
       print(f"{v:<44}{1e3 * st['median']:>12.2f}{1e3 * st['min']:>10.2f}{1e3 * st['max']:>10.2f}")
     print(f"{'  ratio method / naive':<44}{results['step']['ratio_method_over_naive']:>12.2f}")
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
+  bench_common.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ torch and pytorch-metric-learning are benchmark-only dependencies (not in setup.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 
 import jax
@@ -189,9 +187,7 @@ def main(argv):
   tl = results["triplet_loss"]
   print(f"loss values: jax {tl['loss_jax']:.6f}, torch_pml {tl['loss_torch_pml']:.6f}")
   if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(results, f, indent=2)
+    bench_common.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Prints a table and writes JSON with machine information.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -182,16 +181,7 @@ def train_steps(repeats: int) -> dict:
   fns = {}
   for arm in TRAININGS:
     training, initial_set = task.arm_training(arm, spec)
-    step = jax.jit(
-      functools.partial(
-        task.perturbation_train_step,
-        model=model,
-        tx=tx,
-        spec=spec,
-        training=training,
-        initial_set=initial_set,
-      )
-    )
+    step = jax.jit(task.bound_train_step(model, tx, spec, training, initial_set))
     fns[arm] = functools.partial(lambda s: jax.block_until_ready(s(train_state, batch, rng)), step)
   timing = _timed(fns, repeats)
   clean = timing["clean"]["median_s"]
@@ -247,9 +237,7 @@ def main(argv):
     f"load {results['machine']['load_average_1_5_15'][0]:.1f} -> "
     f"{results['machine']['load_average_end'][0]:.1f} on {results['machine']['cores']} cores"
   )
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
+  bench_common.write_json(_OUT.value, results)
   print(f"wrote {_OUT.value}")
 
 

@@ -402,9 +402,7 @@ def main(argv):
       for key, title in (("profile_jax", "JAX ops"), ("profile_torch", "PyTorch ops")):
         if key in m:
           print(bench_common.op_table(f"{result['variant']} {name} step, {title}:", m[key]))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(all_results, f, indent=2, default=float)
+  bench_common.write_json(_OUT.value, all_results, default=float)
   print(f"wrote {_OUT.value}")
 
 

@@ -278,9 +278,7 @@ def main(argv):
       f"max diff {v['max_abs_diff_vs_1_device']:.1e}"
     )
   print("\n".join(lines))
-  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
+  bench_common.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -192,14 +192,7 @@ def alternating_train_step(
   updates, opt_state = tx.update(g_pk, opt_state, params)
   params = optax.apply_updates(params, updates)
   loss = ce + tri
-  finite = jnp.isfinite(loss) & steps.all_finite((g_head, g_pk)) & steps.all_finite(params)
-  first_bad = (state.nonfinite_step < 0) & ~finite
-  new_state = TrainState(
-    step=state.step + 1,
-    params=params,
-    opt_state=opt_state,
-    nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
-  )
+  new_state = steps.next_state(state, loss, (g_head, g_pk), params, opt_state)
   grad_norm = jnp.sqrt(optax.global_norm(g_head) ** 2 + optax.global_norm(g_pk) ** 2)
   return new_state, {**ce_metrics, **tri_metrics, "loss": loss, "grad_norm": grad_norm}
 

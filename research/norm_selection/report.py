@@ -23,21 +23,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from research.norm_selection import rounds
 from research.norm_selection.settings import FULL, METHOD, RANDOM_DRAW
 from research.study import figures, stats, tables
 from research.study.results import Results
 
 EXPERIMENT = "norm_selection"
-POOL_METRICS = (
-  "num_labels",
-  "num_new",
-  "num_tested",
-  "num_correct",
-  "num_remaining",
-  "label_reads",
-  "labels_seen",
-  "train_steps",
-)
+# What the experiment writes on split `pool` every round: the loop's round record, less its
+# index, and the steps trained.
+POOL_METRICS = (*(k for k in rounds.ROUND_RECORD_KEYS if k != "round"), "train_steps")
 LOOPS = (METHOD, RANDOM_DRAW)
 MIN_EFFECT = 0.005  # half a point of accuracy
 OUTCOMES = (stats.WINS, stats.TIES, stats.LOSES)

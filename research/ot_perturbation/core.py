@@ -359,6 +359,34 @@ def _fixed_count_backward(iterations, residuals, cotangents):
 _fixed_count_distance.defvjp(_fixed_count_forward, _fixed_count_backward)
 
 
+def _ott_sinkhorn(
+  costs_: Array, epsilon: Array, config: SinkhornConfig, marginal: Array | None = None
+) -> Any:
+  """Runs ott's convergence-tested ``Sinkhorn`` on the precomputed ``[N, M]`` cost matrix.
+
+  A ``Geometry`` on the cost matrix itself: a PointCloud geometry would recompute it, and its
+  gradient, in every iteration.
+
+  Args:
+    costs_: ``[N, M]`` transport costs.
+    epsilon: entropic regularisation (absolute).
+    config: the threshold and iteration counts of the solver.
+    marginal: optional ``[N]`` weights used as both marginals (``N == M``); None: uniform.
+
+  Returns:
+    ott's ``SinkhornOutput`` (``matrix``, ``converged``, ``n_iters``, ``errors``, ...).
+  """
+  geom = geometry.Geometry(cost_matrix=costs_, epsilon=epsilon)
+  solver = sinkhorn.Sinkhorn(
+    threshold=config.threshold,
+    inner_iterations=config.inner_iterations,
+    min_iterations=config.min_iterations,
+    max_iterations=config.max_iterations,
+    implicit_diff=None,
+  )
+  return solver(linear_problem.LinearProblem(geom, a=marginal, b=marginal))
+
+
 def _weighted_distance(
   costs_: Array, epsilon: Array, weights: Array, config: SinkhornConfig
 ) -> tuple[Array, Array, Array, Array, Array]:
@@ -382,15 +410,7 @@ def _weighted_distance(
   valid = weights > 0
   marginal = jnp.where(valid, weights, 0.0) / jnp.sum(jnp.where(valid, weights, 0.0))
   if config.min_iterations != config.max_iterations:
-    geom = geometry.Geometry(cost_matrix=costs_, epsilon=epsilon)
-    solver = sinkhorn.Sinkhorn(
-      threshold=config.threshold,
-      inner_iterations=config.inner_iterations,
-      min_iterations=config.min_iterations,
-      max_iterations=config.max_iterations,
-      implicit_diff=None,
-    )
-    out = solver(linear_problem.LinearProblem(geom, a=marginal, b=marginal))
+    out = _ott_sinkhorn(costs_, epsilon, config, marginal=marginal)
     return jnp.sum(out.matrix * costs_), out.matrix, out.converged, out.n_iters, out.errors
   log_w = jnp.log(jnp.where(valid, marginal, 1.0))
 
@@ -497,17 +517,7 @@ def feature_matching_distance(
     error = jnp.sum(jnp.abs(jnp.sum(plan, axis=0) - 1.0 / costs_.shape[1]))  # ott's L1 error
     converged, n_iters, errors = error < config.threshold, config.max_iterations, error[None, None]
   else:
-    # ott on the precomputed cost matrix (a PointCloud geometry would recompute it, and its
-    # gradient, in every iteration).
-    geom = geometry.Geometry(cost_matrix=costs_, epsilon=epsilon)
-    solver = sinkhorn.Sinkhorn(
-      threshold=config.threshold,
-      inner_iterations=config.inner_iterations,
-      min_iterations=config.min_iterations,
-      max_iterations=config.max_iterations,
-      implicit_diff=None,
-    )
-    out = solver(linear_problem.LinearProblem(geom))
+    out = _ott_sinkhorn(costs_, epsilon, config)
     plan = out.matrix
     distance = jnp.sum(plan * costs_)
     converged, n_iters, errors = out.converged, out.n_iters, out.errors
@@ -542,6 +552,19 @@ def _feature_distance_to(
     return feature_matching_distance(f_clean, features_fn(x_pert), config, weights=weights)[0]
 
   return distance
+
+
+def _check_ascent(x_clean: Array, x_init: Array, eps, alpha, steps) -> None:
+  """Checks the arguments of a signed ascent (`ot_attack`, `pgd_attack`); raises ValueError."""
+  _check_image_set("x_clean", x_clean)
+  if x_init.shape != x_clean.shape:
+    raise ValueError(
+      f"x_init has shape {x_init.shape}: it must match x_clean's shape {x_clean.shape}"
+    )
+  _check_in_range("eps", eps, 0.0, 1.0, "a number in [0, 1]")
+  _check_positive("alpha", alpha)
+  if not isinstance(steps, int) or steps < 0:
+    raise ValueError(f"steps={steps} is not allowed: steps must be an int >= 0")
 
 
 def ot_attack(
@@ -579,15 +602,7 @@ def ot_attack(
     last is the returned set's), ``finite`` (bool, every ``D`` finite) and the Sinkhorn
     ``converged`` flag and ``n_iters`` of the returned set's ``D``.
   """
-  _check_image_set("x_clean", x_clean)
-  if x_init.shape != x_clean.shape:
-    raise ValueError(
-      f"x_init has shape {x_init.shape}: it must match x_clean's shape {x_clean.shape}"
-    )
-  _check_in_range("eps", eps, 0.0, 1.0, "a number in [0, 1]")
-  _check_positive("alpha", alpha)
-  if not isinstance(steps, int) or steps < 0:
-    raise ValueError(f"steps={steps} is not allowed: steps must be an int >= 0")
+  _check_ascent(x_clean, x_init, eps, alpha, steps)
   config = sinkhorn_config or SinkhornConfig()
   f_clean = jax.lax.stop_gradient(features_fn(x_clean))
   distance_and_grad = jax.value_and_grad(
@@ -679,15 +694,7 @@ def pgd_attack(
   Returns:
     Adversarial images ``[B, H, W, C]`` inside the eps ball and [0, 1] (no gradient).
   """
-  _check_image_set("x_clean", x_clean)
-  if x_init.shape != x_clean.shape:
-    raise ValueError(
-      f"x_init has shape {x_init.shape}: it must match x_clean's shape {x_clean.shape}"
-    )
-  _check_in_range("eps", eps, 0.0, 1.0, "a number in [0, 1]")
-  _check_positive("alpha", alpha)
-  if not isinstance(steps, int) or steps < 0:
-    raise ValueError(f"steps={steps} is not allowed: steps must be an int >= 0")
+  _check_ascent(x_clean, x_init, eps, alpha, steps)
   grad_fn = jax.grad(loss_fn)
 
   def ascent_step(x_adv, _):

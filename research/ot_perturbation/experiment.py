@@ -117,9 +117,8 @@ def compile_training(
   """(optimizer, jitted train step, jitted `task.target_loss`) of an arm, shared by its seeds."""
   training, initial_set = task.arm_training(arm, spec)
   tx = state.make_optimizer(config.optim, config.train.steps)
-  step_fn = functools.partial(task.perturbation_train_step, model=model, tx=tx, spec=spec)
   step = parallel.compile_train_step(
-    functools.partial(step_fn, training=training, initial_set=initial_set), run.mesh
+    task.bound_train_step(model, tx, spec, training, initial_set), run.mesh
   )
   loss = jax.jit(functools.partial(task.target_loss, model=model, spec=spec, training=training))
   return tx, step, loss

@@ -27,9 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from research import losses
+from research import config_checks, losses
 from research.data import detection
-from research.models import detector
+from research.models import detector, resnet
 from research.models.resnet import ResNet
 from research.ot_perturbation import core
 from research.ot_perturbation.settings import DETECTOR_STRIDE, Spec
@@ -62,11 +62,28 @@ def arm_training(arm: str, spec: Spec) -> tuple[str, str]:
 
 
 def build_task_model(config: ml_collections.ConfigDict, task: str, num_classes: int) -> Any:
-  """Detector on a 3-stage ResNet backbone (stride 4), or the classification ResNet."""
+  """Detector on a 3-stage ResNet backbone (stride 4), or the classification ResNet.
+
+  The classifier takes `model.backbone` and `model.dtype` (see `classification.build_model`);
+  the detector takes `model.dtype` and only the 'small' backbone (its stride is fixed at
+  `DETECTOR_STRIDE`; the named backbones have output stride 32).
+  """
   if task == "classification":
     return classification.build_model(config, num_classes)
+  if resnet.backbone_from_config(config) != "small":
+    raise config_checks.ConfigError(
+      f"config.model.backbone={config.model.backbone!r} is not allowed with "
+      f"task='detection': the detector needs the 'small' backbone (stride {DETECTOR_STRIDE})"
+    )
   m = config.model
-  backbone = ResNet(0, tuple(m.stage_sizes), tuple(m.widths), m.embedding_dim, 1)
+  backbone = ResNet(
+    0,
+    tuple(m.stage_sizes),
+    tuple(m.widths),
+    m.embedding_dim,
+    1,
+    dtype=resnet.dtype_from_config(config),
+  )
   return detector.Detector(backbone, num_classes, DETECTOR_STRIDE, m.head_channels)
 
 
@@ -337,16 +354,34 @@ def perturbation_train_step(
   (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(train_state.params)
   updates, opt_state = tx.update(grads, train_state.opt_state, train_state.params)
   params = optax.apply_updates(train_state.params, updates)
-  finite = jnp.isfinite(loss) & steps.all_finite(grads) & steps.all_finite(params)
-  first_bad = (train_state.nonfinite_step < 0) & ~finite
-  new_state = state.TrainState(
-    step=train_state.step + 1,
-    params=params,
-    opt_state=opt_state,
-    nonfinite_step=jnp.where(first_bad, train_state.step, train_state.nonfinite_step),
-  )
+  new_state = steps.next_state(train_state, loss, grads, params, opt_state)
   metrics = {**metrics, **{k: v.astype(jnp.float32) for k, v in extra.items()}}
   return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+
+
+def bound_train_step(
+  model: Any, tx: optax.GradientTransformation, spec: Spec, training: str, initial_set: str
+):
+  """`perturbation_train_step` with its settings bound: `step(train_state, batch, rng)`.
+
+  Args:
+    model: detector or classifier.
+    tx: optimizer.
+    spec: static settings.
+    training: 'clean', 'ot' or 'pgd'.
+    initial_set: 'fixed' or 'redraw'.
+
+  Returns:
+    The step function, ready for `jax.jit` or `parallel.compile_train_step`.
+  """
+  return functools.partial(
+    perturbation_train_step,
+    model=model,
+    tx=tx,
+    spec=spec,
+    training=training,
+    initial_set=initial_set,
+  )
 
 
 def target_loss(

@@ -149,6 +149,41 @@ class Results:
     return cls.from_json(json.loads(path.read_text()))
 
 
+def merge(parts: Iterable[Results]) -> Results:
+  """One run's results from runs of the same experiment on disjoint seeds.
+
+  Seeds trained in separate processes or hosts (`--config.seed=k --config.num_seeds=1` each)
+  become one study: the records are concatenated, the metadata is the first part's, with
+  `meta["merged_from"]` the number of parts and `meta["time_s"]` the sum over parts.
+
+  Args:
+    parts: at least one `Results`, all of one experiment, no seed in two parts.
+
+  Returns:
+    the merged `Results`.
+
+  Raises:
+    ValueError: no part, parts of different experiments, or a seed in two parts.
+  """
+  parts = list(parts)
+  if not parts:
+    raise ValueError("merge() needs at least one Results")
+  experiments = {p.experiment for p in parts}
+  if len(experiments) > 1:
+    raise ValueError(f"merge(): parts of different experiments {sorted(experiments)}")
+  seen: dict[int, int] = {}
+  for i, part in enumerate(parts):
+    for seed in part.seeds():
+      if seed in seen:
+        raise ValueError(f"merge(): seed {seed} is in part {seen[seed]} and in part {i}")
+      seen[seed] = i
+  meta = dict(parts[0].meta, merged_from=len(parts))
+  if all("time_s" in p.meta for p in parts):
+    meta["time_s"] = sum(float(p.meta["time_s"]) for p in parts)
+  records = [r for p in parts for r in p.records]
+  return Results(parts[0].experiment, records, meta)
+
+
 def _json_default(value: Any) -> Any:
   """Numpy scalars and arrays in `meta` become Python numbers and lists."""
   if hasattr(value, "tolist"):

@@ -34,6 +34,32 @@ def all_finite(tree: Any) -> jnp.ndarray:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def next_state(
+  state: TrainState, loss: jax.Array, grads: Any, params: Any, opt_state: Any
+) -> TrainState:
+  """The state after one update, with a non-finite update recorded (see `train_step`).
+
+  Args:
+    state: the state before the update.
+    loss: the update's scalar loss.
+    grads: the update's gradients (any pytree).
+    params: the updated parameters.
+    opt_state: the updated optimizer state.
+
+  Returns:
+    `state` one step on, holding `params` and `opt_state`; `nonfinite_step` is set to this step
+    when it is the first whose loss, gradients or updated parameters are not all finite.
+  """
+  finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
+  first_bad = (state.nonfinite_step < 0) & ~finite
+  return TrainState(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
+  )
+
+
 def train_step(
   state: TrainState,
   batch: dict,
@@ -57,14 +83,7 @@ def train_step(
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
-  first_bad = (state.nonfinite_step < 0) & ~finite
-  new_state = TrainState(
-    step=state.step + 1,
-    params=params,
-    opt_state=opt_state,
-    nonfinite_step=jnp.where(first_bad, state.step, state.nonfinite_step),
-  )
+  new_state = next_state(state, loss, grads, params, opt_state)
   return new_state, {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
 
 

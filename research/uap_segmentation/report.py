@@ -402,12 +402,12 @@ BASELINE_SHOWN = (
 ADV_COLUMNS = (
   ("clean", "miou", "mIoU clean (before)"),
   ("R", "miou", "mIoU under R (before)"),
-  ("adv clean", "miou", "mIoU clean (after)"),
-  ("adv R", "miou", "mIoU under R (after)"),
-  ("adv R'", "miou", "mIoU under own fresh R' (after)"),
-  ("control clean", "miou", "mIoU clean (control)"),
-  ("control R", "miou", "mIoU under R (control)"),
-  ("control R'", "miou", "mIoU under own fresh R' (control)"),
+  # The adversarially trained model ("adv", after) and its control, each on the same three sets.
+  *(
+    (f"{arm} {attack}", "miou", f"mIoU {label} ({when})")
+    for arm, when in (("adv", "after"), ("control", "control"))
+    for attack, label in (("clean", "clean"), ("R", "under R"), ("R'", "under own fresh R'"))
+  ),
   ("R", "success", "success R (before)"),
   ("adv R", "success", "success R (after)"),
   ("adv R'", "success", "success R' (after)"),

@@ -4,6 +4,7 @@ import functools
 import json
 
 import chex
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -293,14 +294,7 @@ def test_historical_params_get_no_gradient(tiny):
 
 def test_each_spec_compiles_once_and_steps(tiny, monkeypatch):
   settings, model, params, hist, batch, _ = tiny
-  traced = []
-  loss = fine_tuning.incremental_loss
-
-  def counted(*args, **kwargs):
-    traced.append(kwargs["spec"])
-    return loss(*args, **kwargs)
-
-  monkeypatch.setattr(fine_tuning, "incremental_loss", counted)
+  traced = helpers.record_calls(monkeypatch, fine_tuning, "incremental_loss", "spec")
   tx = fine_tuning.make_optimizer(settings.weight_decay)
   mesh = parallel.data_mesh(jax.devices()[:1])
   compiled = {}

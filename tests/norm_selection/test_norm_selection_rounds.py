@@ -380,6 +380,29 @@ def killed_then_restored(kill_after):
   return first_run, rerun
 
 
+def uninterrupted_and_resumed(run_loop, labels, kill_after, **kwargs):
+  """`run_loop` run through, and run again killed before round `kill_after + 1`, then rerun.
+
+  Args:
+    run_loop: `rounds.run_selection_loop` or `rounds.run_budget_loop`.
+    labels: the pool's labels (each run starts from `rounds.initial_state(labels)`).
+    kill_after: the round before which the first run is killed.
+    **kwargs: the loop's other arguments, the same for every run.
+
+  Returns:
+    (uninterrupted state, its params, resumed state, its params, the rerun's `FakeModel`).
+  """
+  full, full_params = run_loop(
+    rounds.initial_state(labels), train_fn=FakeModel(labels).train, **kwargs
+  )
+  first_run, rerun = killed_then_restored(kill_after)
+  with pytest.raises(Killed):
+    run_loop(rounds.initial_state(labels), train_fn=first_run(FakeModel(labels)), **kwargs)
+  model = FakeModel(labels)
+  resumed, params = run_loop(rounds.initial_state(labels), train_fn=rerun(model), **kwargs)
+  return full, full_params, resumed, params, model
+
+
 @pytest.mark.parametrize("kill_after", [1, 3])
 @pytest.mark.parametrize("warm_start", [True, False])
 def test_rerun_restoring_trained_rounds_ends_like_an_uninterrupted_run(kill_after, warm_start):
@@ -390,19 +413,10 @@ def test_rerun_restoring_trained_rounds_ends_like_an_uninterrupted_run(kill_afte
     "stop_kwargs": {"max_remaining_per_class": 3},
     "warm_start": warm_start,
   }
-  full, full_params = rounds.run_selection_loop(
-    rounds.initial_state(labels), train_fn=FakeModel(labels).train, **kwargs
+  full, full_params, resumed, params, model = uninterrupted_and_resumed(
+    rounds.run_selection_loop, labels, kill_after, **kwargs
   )
   assert full.round > kill_after + 1
-  first_run, rerun = killed_then_restored(kill_after)
-  with pytest.raises(Killed):
-    rounds.run_selection_loop(
-      rounds.initial_state(labels), train_fn=first_run(FakeModel(labels)), **kwargs
-    )
-  model = FakeModel(labels)
-  resumed, params = rounds.run_selection_loop(
-    rounds.initial_state(labels), train_fn=rerun(model), **kwargs
-  )
   assert_states_equal(resumed, full)
   assert params == full_params
   assert len(model.train_calls) == full.round - kill_after
@@ -597,17 +611,8 @@ def test_budget_loop_oversized_draw_is_cut_and_pool_empty_stops():
 def test_budget_loop_rerun_restoring_trained_rounds_ends_like_an_uninterrupted_run():
   labels, _ = problem()
   kwargs = dict(budgets=[9, 18, 30, 44], select_fn=random_select)
-  full, full_params = rounds.run_budget_loop(
-    rounds.initial_state(labels), train_fn=FakeModel(labels).train, **kwargs
-  )
-  first_run, rerun = killed_then_restored(2)
-  with pytest.raises(Killed):
-    rounds.run_budget_loop(
-      rounds.initial_state(labels), train_fn=first_run(FakeModel(labels)), **kwargs
-    )
-  model = FakeModel(labels)
-  resumed, resumed_params = rounds.run_budget_loop(
-    rounds.initial_state(labels), train_fn=rerun(model), **kwargs
+  full, full_params, resumed, resumed_params, model = uninterrupted_and_resumed(
+    rounds.run_budget_loop, labels, 2, **kwargs
   )
   assert_states_equal(full, resumed)
   assert full_params == resumed_params and len(model.train_calls) == 2

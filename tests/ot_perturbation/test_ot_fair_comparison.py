@@ -156,16 +156,7 @@ def test_one_ot_training_step_matches_a_hand_assembled_reference(street):
   tx = optax.sgd(1e-3)  # linear in the gradient: Adam would magnify rounding
   batch = _batch(data)
   rng = jax.random.key(11)
-  step = jax.jit(
-    functools.partial(
-      task.perturbation_train_step,
-      model=model,
-      tx=tx,
-      spec=spec,
-      training="ot",
-      initial_set="fixed",
-    )
-  )
+  step = jax.jit(task.bound_train_step(model, tx, spec, "ot", "fixed"))
   train_state = state.create_train_state(jax.tree.map(jnp.copy, params), tx)
   ref_params, ref_opt = params, tx.init(params)
   for i in range(2):  # the second step's target set comes from the once-updated parameters
@@ -189,15 +180,7 @@ def test_one_and_eight_devices_give_the_same_m5_step(street, training):
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.data_mesh(devices)
     step = parallel.compile_train_step(
-      functools.partial(
-        task.perturbation_train_step,
-        model=model,
-        tx=tx,
-        spec=spec,
-        training=training,
-        initial_set="fixed",
-      ),
-      mesh,
+      task.bound_train_step(model, tx, spec, training, "fixed"), mesh
     )
     s = parallel.replicate(state.create_train_state(jax.tree.map(jnp.copy, params), tx), mesh)
     for _ in range(2):

@@ -3,6 +3,7 @@
 import json
 import types
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,14 +91,7 @@ def test_convergence_check_evaluates_the_target_loss_of_the_current_parameters()
 
 
 def test_two_seeds_report_mean_std_and_paired_verdicts(tmp_path, monkeypatch):
-  traces = []
-  step = task.perturbation_train_step
-
-  def counted(*args, **kwargs):
-    traces.append(kwargs["training"])
-    return step(*args, **kwargs)
-
-  monkeypatch.setattr(task, "perturbation_train_step", counted)
+  traces = helpers.record_calls(monkeypatch, task, "perturbation_train_step", "training")
   config = ot_perturbation_digits.get_config("smoke")
   config.trainings = ("clean", "ot")
   config.num_seeds = 2

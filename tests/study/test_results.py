@@ -7,7 +7,7 @@ import pytest
 
 from research import experiments
 from research.study import tables
-from research.study.results import Record, Results
+from research.study.results import Record, Results, merge
 
 
 def _results():
@@ -44,6 +44,25 @@ def test_save_and_load_round_trip_keeps_nan(tmp_path):
     assert (math.isnan(a.value) and math.isnan(b.value)) or a.value == b.value
   with pytest.raises(FileNotFoundError, match="run the experiment first"):
     Results.load(tmp_path / "missing")
+
+
+def test_merge_of_seed_split_runs_is_the_seed_loop_run():
+  together = Results("x", meta={"time_s": 3.0})
+  parts = [Results("x", meta={"time_s": 1.0}), Results("x", meta={"time_s": 2.0})]
+  for seed, (m, b) in enumerate([(0.9, 0.8), (0.92, 0.81)]):
+    for r in (together, parts[seed]):
+      r.add("m", seed, {"acc": m})
+      r.add("b", seed, {"acc": b})
+  merged = merge(parts)
+  assert merged.seeds() == [0, 1] and merged.meta == {"time_s": 3.0, "merged_from": 2}
+  for arm in ("m", "b"):
+    assert merged.per_seed(arm, "acc") == together.per_seed(arm, "acc")
+  with pytest.raises(ValueError, match="seed 1 is in part 0 and in part 1"):
+    merge([merged, parts[1]])
+  with pytest.raises(ValueError, match="different experiments"):
+    merge([parts[0], Results("y")])
+  with pytest.raises(ValueError, match="at least one"):
+    merge([])
 
 
 def test_comparison_table_reports_means_and_paired_verdicts():
