@@ -20,22 +20,33 @@ import optax
 
 from research.incremental_panoptic import core
 from research.incremental_panoptic.settings import LossSpec, ModelSettings, PhaseSettings, Settings
-from research.models import mask_matching
+from research.models import mask_matching, resnet
 from research.models.mask_former import MaskFormer, TinyMultiScaleBackbone
 from research.training import parallel, state, steps
 
 
 def build_model(model: ModelSettings, num_classes: int) -> MaskFormer:
-  """The MaskFormer of `model` over `num_classes` real classes (plus no-object)."""
+  """The MaskFormer of `model` over `num_classes` real classes (plus no-object).
+
+  The backbone is `TinyMultiScaleBackbone` for `model.backbone='small'`, else the named ResNet
+  (`research.models.resnet`, feature strides 4, 8, 16, 32, computed in `model.dtype`).
+  """
+  if model.backbone == "small":
+    backbone = TinyMultiScaleBackbone(model.widths, stem_stride=model.stem_stride)
+    num_scales = len(model.widths)
+  else:
+    dtype = resnet.DTYPES[model.dtype]
+    backbone = resnet.ResNet(0, backbone=model.backbone, dtype=dtype)
+    num_scales = len(resnet.NAMED_STRIDES)
   return MaskFormer(
     num_classes=num_classes,
-    backbone=TinyMultiScaleBackbone(model.widths, stem_stride=model.stem_stride),
+    backbone=backbone,
     num_queries=model.num_queries,
     hidden_dim=model.hidden_dim,
     num_decoder_layers=model.num_decoder_layers,
     num_heads=model.num_heads,
     ffn_dim=model.ffn_dim,
-    num_memory_scales=len(model.widths) - 1 or 1,
+    num_memory_scales=num_scales - 1 or 1,
   )
 
 

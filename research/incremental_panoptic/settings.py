@@ -16,6 +16,7 @@ import numpy as np
 from research import config_checks
 from research.data import street_scenes
 from research.incremental_panoptic import core
+from research.models import resnet
 from research.training import fit
 
 
@@ -153,7 +154,12 @@ class PhaseSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-  """The Mask2Former-style model of `config.model`."""
+  """The Mask2Former-style model of `config.model`.
+
+  `backbone` 'small' is `TinyMultiScaleBackbone(widths, stem_stride)`; 'resnet18' and
+  'resnet50' are the named ResNets of `research.models.resnet` (strides 4-32; `widths` and
+  `stem_stride` unused). `dtype` is the backbone's compute dtype ('float32' or 'bfloat16').
+  """
 
   widths: tuple[int, ...]
   stem_stride: int
@@ -162,6 +168,15 @@ class ModelSettings:
   num_decoder_layers: int
   num_heads: int
   ffn_dim: int
+  backbone: str = "small"
+  dtype: str = "float32"
+
+  @property
+  def output_stride(self) -> int:
+    """Stride of the backbone's coarsest feature map (image sizes must be multiples of it)."""
+    if self.backbone == "small":
+      return self.stem_stride * 2 ** len(self.widths)
+    return resnet.NAMED_STRIDES[-1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +269,11 @@ class Settings:
     num_classes = config_checks.check_int(config, "data.num_classes", 2)
     model = _model(config)
     size = config_checks.check_int(config, "data.image_size", 8)
+    if model.backbone != "small" and size % model.output_stride:
+      raise config_checks.ConfigError(
+        f"config.data.image_size={size} is not allowed: it must be a multiple of "
+        f"{model.output_stride} (the output stride of model.backbone={model.backbone!r})"
+      )
     if size % (model.stem_stride * 2 ** len(model.widths)):
       raise config_checks.ConfigError(
         f"config.data.image_size={size} is not allowed: it must be a multiple of "
@@ -478,6 +498,13 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
 
 
 def _model(config: ml_collections.ConfigDict) -> ModelSettings:
+  backbone = resnet.backbone_from_config(config)
+  dtype = config.model.get("dtype", "float32")
+  if resnet.dtype_from_config(config) is not None and backbone == "small":
+    raise config_checks.ConfigError(
+      f"config.model.dtype={dtype!r} is not allowed with model.backbone='small': the tiny "
+      "backbone computes in float32; use 'float32' or a named backbone"
+    )
   return ModelSettings(
     widths=tuple(config_checks.get_field(config, "model.widths")),
     stem_stride=config_checks.check_choice(config, "model.stem_stride", (1, 2)),
@@ -486,6 +513,8 @@ def _model(config: ml_collections.ConfigDict) -> ModelSettings:
     num_decoder_layers=config_checks.check_int(config, "model.num_decoder_layers", 1),
     num_heads=config_checks.check_int(config, "model.num_heads", 1),
     ffn_dim=config_checks.check_int(config, "model.ffn_dim", 1),
+    backbone=resnet.backbone_from_config(config),
+    dtype=dtype,
   )
 
 

@@ -17,6 +17,7 @@ from research import config_checks
 from research.data import samplers
 from research.data.classification import load_classification_data
 from research.metrics import classification as cls_metrics
+from research.models import resnet
 from research.models.resnet import ResNet
 from research.study import figures, tables
 from research.study.results import Results
@@ -35,13 +36,23 @@ def validate(config: ml_collections.ConfigDict) -> TrainSettings:
   config_checks.check_choice(config, "data.name", DATASETS)
   config_checks.check_float(config, "data.imbalance_ratio", 1.0)
   config_checks.check_int(config, "model.embedding_dim", 1)
+  resnet.backbone_from_config(config)
+  resnet.dtype_from_config(config)
   return TrainSettings.from_config(config)
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
-  """The ResNet of `config.model`."""
+  """The ResNet of `config.model` (`model.backbone`, default 'small'; `model.dtype`, 'float32')."""
   m = config.model
-  return ResNet(num_classes, tuple(m.stage_sizes), tuple(m.widths), m.embedding_dim, m.stem_strides)
+  return ResNet(
+    num_classes,
+    tuple(m.stage_sizes),
+    tuple(m.widths),
+    m.embedding_dim,
+    m.stem_strides,
+    backbone=resnet.backbone_from_config(config),
+    dtype=resnet.dtype_from_config(config),
+  )
 
 
 def train_classifier(

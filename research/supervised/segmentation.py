@@ -21,6 +21,7 @@ from research.data import samplers, street_scenes
 from research.data.segmentation import load_segmentation_data
 from research.metrics import segmentation as seg_metrics
 from research.metrics.classification import confusion_matrix
+from research.models import resnet
 from research.models.resnet import Segmenter
 from research.study import figures, tables
 from research.study.results import Results, load_arrays, save_arrays
@@ -47,13 +48,22 @@ def validate(config: ml_collections.ConfigDict) -> TrainSettings:
           f"{street_scenes.DOMAINS}"
         )
     config_checks.check_int(config, "data.image_size", 16)
+  resnet.backbone_from_config(config)
+  resnet.dtype_from_config(config)
   return TrainSettings.from_config(config)
 
 
 def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> Segmenter:
-  """The `Segmenter` of `config.model`."""
+  """The `Segmenter` of `config.model` (`model.backbone`, default 'small'; `model.dtype`)."""
   m = config.model
-  return Segmenter(num_classes, tuple(m.stage_sizes), tuple(m.widths), m.decoder_width)
+  return Segmenter(
+    num_classes,
+    tuple(m.stage_sizes),
+    tuple(m.widths),
+    m.decoder_width,
+    backbone=resnet.backbone_from_config(config),
+    dtype=resnet.dtype_from_config(config),
+  )
 
 
 def train_segmenter(
