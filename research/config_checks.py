@@ -21,9 +21,19 @@ def get_field(config: Any, field: str) -> Any:
   return value
 
 
-def check_choice(config: Any, field: str, allowed: Collection[Any]) -> Any:
-  """The field's value, which must be one of `allowed`."""
-  value = get_field(config, field)
+_REQUIRED = object()
+
+
+def check_choice(
+  config: Any, field: str, allowed: Collection[Any], default: Any = _REQUIRED
+) -> Any:
+  """The field's value, which must be one of `allowed` (`default` when given and it is absent)."""
+  try:
+    value = get_field(config, field)
+  except ConfigError:
+    if default is _REQUIRED:
+      raise
+    value = default
   if value not in allowed:
     raise ConfigError(f"config.{field}={value!r} is not allowed: choose one of {sorted(allowed)}")
   return value

@@ -59,12 +59,7 @@ def backbone_from_config(config: Any) -> str:
   Raises:
     config_checks.ConfigError: naming `config.model.backbone`, its value and `BACKBONES`.
   """
-  name = config.model.get("backbone", "small")
-  if name not in BACKBONES:
-    raise config_checks.ConfigError(
-      f"config.model.backbone={name!r} is not allowed: choose one of {sorted(BACKBONES)}"
-    )
-  return name
+  return config_checks.check_choice(config, "model.backbone", BACKBONES, default="small")
 
 
 def dtype_from_config(config: Any) -> Any:
@@ -73,12 +68,12 @@ def dtype_from_config(config: Any) -> Any:
   Raises:
     config_checks.ConfigError: naming `config.model.dtype`, its value and `DTYPES`.
   """
-  name = config.model.get("dtype", "float32")
-  if name not in DTYPES:
-    raise config_checks.ConfigError(
-      f"config.model.dtype={name!r} is not allowed: choose one of {sorted(DTYPES)}"
-    )
-  return DTYPES[name]
+  return DTYPES[config_checks.check_choice(config, "model.dtype", DTYPES, default="float32")]
+
+
+def model_options(config: Any) -> dict[str, Any]:
+  """`{"backbone": ..., "dtype": ...}` of `config.model`, validated, for `ResNet` / `Segmenter`."""
+  return {"backbone": backbone_from_config(config), "dtype": dtype_from_config(config)}
 
 
 def feature_strides(
@@ -111,6 +106,22 @@ def group_norm(channels: int, dtype: Any = None) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=groups, dtype=dtype)
 
 
+def conv_norm(x: jnp.ndarray, features: int, kernel: int, strides: int, dtype: Any) -> jnp.ndarray:
+  """A bias-free `kernel` x `kernel` convolution then GroupNorm (no activation), inside a module.
+
+  [B, H, W, C_in] -> [B, H / strides, W / strides, features].
+  """
+  y = conv.Conv(features, (kernel, kernel), strides, use_bias=False, dtype=dtype)(x)
+  return group_norm(features, dtype)(y)
+
+
+def residual_out(x: jnp.ndarray, y: jnp.ndarray, strides: int, dtype: Any) -> jnp.ndarray:
+  """`relu(shortcut(x) + y)`; the shortcut is a strided 1x1 projection when the shapes differ."""
+  if x.shape != y.shape:
+    x = conv_norm(x, y.shape[-1], 1, strides, dtype)
+  return nn.relu(x + y)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions with a projection shortcut when the shape changes."""
 
@@ -121,16 +132,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """[B, H, W, C_in] -> [B, H / strides, W / strides, features]."""
-    d = self.dtype
-    residual = x
-    y = conv.Conv(self.features, (3, 3), self.strides, use_bias=False, dtype=d)(x)
-    y = nn.relu(group_norm(self.features, d)(y))
-    y = conv.Conv(self.features, (3, 3), use_bias=False, dtype=d)(y)
-    y = group_norm(self.features, d)(y)
-    if residual.shape != y.shape:
-      residual = conv.Conv(self.features, (1, 1), self.strides, use_bias=False, dtype=d)(residual)
-      residual = group_norm(self.features, d)(residual)
-    return nn.relu(residual + y)
+    y = nn.relu(conv_norm(x, self.features, 3, self.strides, self.dtype))
+    y = conv_norm(y, self.features, 3, 1, self.dtype)
+    return residual_out(x, y, self.strides, self.dtype)
 
 
 class Bottleneck(nn.Module):
@@ -143,18 +147,10 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     """[B, H, W, C_in] -> [B, H / strides, W / strides, 4 * features]."""
-    d, out = self.dtype, self.features * BOTTLENECK_EXPANSION
-    residual = x
-    y = conv.Conv(self.features, (1, 1), use_bias=False, dtype=d)(x)
-    y = nn.relu(group_norm(self.features, d)(y))
-    y = conv.Conv(self.features, (3, 3), self.strides, use_bias=False, dtype=d)(y)
-    y = nn.relu(group_norm(self.features, d)(y))
-    y = conv.Conv(out, (1, 1), use_bias=False, dtype=d)(y)
-    y = group_norm(out, d)(y)
-    if residual.shape != y.shape:
-      residual = conv.Conv(out, (1, 1), self.strides, use_bias=False, dtype=d)(residual)
-      residual = group_norm(out, d)(residual)
-    return nn.relu(residual + y)
+    y = nn.relu(conv_norm(x, self.features, 1, 1, self.dtype))
+    y = nn.relu(conv_norm(y, self.features, 3, self.strides, self.dtype))
+    y = conv_norm(y, self.features * BOTTLENECK_EXPANSION, 1, 1, self.dtype)
+    return residual_out(x, y, self.strides, self.dtype)
 
 
 class ResNet(nn.Module):

@@ -36,8 +36,7 @@ def validate(config: ml_collections.ConfigDict) -> TrainSettings:
   config_checks.check_choice(config, "data.name", DATASETS)
   config_checks.check_float(config, "data.imbalance_ratio", 1.0)
   config_checks.check_int(config, "model.embedding_dim", 1)
-  resnet.backbone_from_config(config)
-  resnet.dtype_from_config(config)
+  resnet.model_options(config)
   return TrainSettings.from_config(config)
 
 
@@ -50,8 +49,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
     tuple(m.widths),
     m.embedding_dim,
     m.stem_strides,
-    backbone=resnet.backbone_from_config(config),
-    dtype=resnet.dtype_from_config(config),
+    **resnet.model_options(config),
   )
 
 

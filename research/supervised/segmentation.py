@@ -48,8 +48,7 @@ def validate(config: ml_collections.ConfigDict) -> TrainSettings:
           f"{street_scenes.DOMAINS}"
         )
     config_checks.check_int(config, "data.image_size", 16)
-  resnet.backbone_from_config(config)
-  resnet.dtype_from_config(config)
+  resnet.model_options(config)
   return TrainSettings.from_config(config)
 
 
@@ -61,8 +60,7 @@ def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> Segm
     tuple(m.stage_sizes),
     tuple(m.widths),
     m.decoder_width,
-    backbone=resnet.backbone_from_config(config),
-    dtype=resnet.dtype_from_config(config),
+    **resnet.model_options(config),
   )
 
 
