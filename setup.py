@@ -36,7 +36,9 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10,<6",
         "ipykernel>=6.29,<8",
         "tensorboard>=2.16,<3",  # its EventAccumulator reads our event files back (no TF)
+        "fsspec>=2024.2",  # an in-memory bucket for the any-workdir tests
     ],
+    "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs through etils.epath without TensorFlow
     "notebooks": ["jupyter", "ipykernel>=6.29,<8"],
     "bench": ["POT>=0.9.4,<0.10"],  # torch==2.13.0 (CPU) is installed by the benchmark script
     "lint": ["ruff>=0.6"],

@@ -1,7 +1,7 @@
-"""Config blocks every experiment shares: the header, the ResNets, the optimizer and `train`.
+"""Config blocks every experiment shares: the header, the ResNets and the optimizers.
 
-A value given as a `(full, demo, smoke)` tuple is picked by size; any other value is used at
-every size.
+A value given to them as a `(full, demo, smoke)` tuple is picked by size; any other value is
+used at every size. Blocks of several sized fields are `size.table`s (configs/sizes.py).
 """
 
 import ml_collections
@@ -37,13 +37,25 @@ def new_config(experiment, size, num_seeds=None):
 
 
 def digits_resnet():
-  """The small ResNet of the embedded-digits configs: 3 stages of 1 block, widths 16/32/64."""
-  return dict(stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, stem_strides=1)
+  """The small ResNet of the embedded-digits configs: 3 stages of 1 block, widths 16/32/64.
+
+  `backbone` ('small', 'resnet18' or 'resnet50'; the named ones ignore `stage_sizes`, `widths`
+  and `stem_strides`) and `dtype` ('float32' or 'bfloat16') are read by
+  `research.models.resnet`, as in every config's `model` block.
+  """
+  return dict(
+    backbone="small",
+    dtype="float32",
+    stage_sizes=(1, 1, 1),
+    widths=(16, 32, 64),
+    embedding_dim=32,
+    stem_strides=1,
+  )
 
 
 def cifar_resnet():
   """The ResNet of the CIFAR-10 variants of the digits configs: 3 stages of 2 blocks."""
-  return dict(stage_sizes=(2, 2, 2), widths=(32, 64, 128), embedding_dim=64, stem_strides=1)
+  return dict(digits_resnet(), stage_sizes=(2, 2, 2), widths=(32, 64, 128), embedding_dim=64)
 
 
 def adam(size, learning_rate=3e-3, warmup_steps=20, schedule="cosine"):
@@ -68,15 +80,3 @@ def sgd(size, learning_rate, warmup_steps, weight_decay, momentum=0.9, schedule=
     weight_decay=weight_decay,
     momentum=momentum,
   )
-
-
-def train(size, *, batch_size, eval_batch_size, log_every, checkpoint_every, **fields):
-  """The `train` block: batch sizes, logging, checkpointing, plus experiment-specific fields."""
-  block = dict(
-    batch_size=batch_size,
-    eval_batch_size=eval_batch_size,
-    log_every=log_every,
-    checkpoint_every=checkpoint_every,
-    **fields,
-  )
-  return {name: by_size(size, value) for name, value in block.items()}

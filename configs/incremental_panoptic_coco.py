@@ -19,28 +19,31 @@ from configs import incremental_panoptic_street, sizes
 def get_config(arg=None):
   size = sizes.parse(arg)
   config = incremental_panoptic_street.get_config(arg)
-  config.data = dict(
+  config.data = size.table(
     name="coco_panoptic",
     data_dir="",
-    image_size=sizes.pick(size, full=128, demo=64, smoke=32),
-    num_train=sizes.pick(size, full=20000, demo=2000, smoke=16),
-    num_test=sizes.pick(size, full=5000, demo=500, smoke=8),
     num_classes=133,
     thing_classes=tuple(range(80)),
     class_steps="100-50",
     step0_fraction=0.5,
     max_segments=64,
+    full=dict(image_size=128, num_train=20000, num_test=5000),
+    demo=dict(image_size=64, num_train=2000, num_test=500),
+    smoke=dict(image_size=32, num_train=16, num_test=8),
   )
-  config.model = dict(
-    widths=(32, 64, 128),
-    stem_stride=sizes.pick(size, full=2, demo=2, smoke=1),
-    hidden_dim=64,
-    num_queries=64,
-    num_decoder_layers=sizes.pick(size, full=6, demo=3, smoke=2),
-    num_heads=4,
-    ffn_dim=256,
+  # The street model (backbone, dtype, num_heads), wider and with more queries.
+  config.model.update(
+    size.table(
+      widths=(32, 64, 128),
+      hidden_dim=64,
+      num_queries=64,
+      ffn_dim=256,
+      full=dict(stem_stride=2, num_decoder_layers=6),
+      demo=dict(stem_stride=2, num_decoder_layers=3),
+      smoke=dict(stem_stride=1, num_decoder_layers=2),
+    )
   )
-  config.step0.steps = sizes.pick(size, full=20000, demo=1000, smoke=2)
-  config.step1.steps = sizes.pick(size, full=5000, demo=300, smoke=2)
-  config.method.min_component_area = sizes.pick(size, full=4, demo=2, smoke=2)
+  config.step0.steps = size.pick(full=20000, demo=1000, smoke=2)
+  config.step1.steps = size.pick(full=5000, demo=300, smoke=2)
+  config.method.min_component_area = size.pick(full=4, demo=2, smoke=2)
   return config

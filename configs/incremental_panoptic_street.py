@@ -13,21 +13,24 @@ from configs import common, sizes
 def get_config(arg=None):
   size = sizes.parse(arg)
   config = common.new_config("incremental_panoptic", size, num_seeds=(5, 3, 1))
-  config.data = dict(
+  config.data = size.table(
     name="street_scenes",
     data_dir="",
     domains=("day",),
     image_size=32,
-    train_per_domain=sizes.pick(size, full=1600, demo=800, smoke=48),
-    test_per_domain=sizes.pick(size, full=400, demo=200, smoke=8),
     num_classes=9,
     thing_classes=(5, 6, 7, 8),
     # road, sidewalk, building, sky, vegetation, car | truck | person, bicycle
     class_steps=((0, 1, 2, 3, 4, 5), (6,), (7, 8)),
     step0_fraction=0.5,
     max_segments=16,
+    full=dict(train_per_domain=1600, test_per_domain=400),
+    demo=dict(train_per_domain=800, test_per_domain=200),
+    smoke=dict(train_per_domain=48, test_per_domain=8),
   )
   config.model = dict(
+    backbone="small",  # or "resnet18" / "resnet50" (which ignore `widths` and `stem_stride`)
+    dtype="float32",  # "bfloat16" needs a named backbone
     widths=(16, 32, 64),
     stem_stride=1,
     hidden_dim=32,
@@ -43,8 +46,8 @@ def get_config(arg=None):
     kd_form="fold_new_into_no_object",
     kd_reduction="mean",
     temperature=1.0,
-    overlap_rule="drop_matched",
     match_iou=0.5,
+    overlap_rule="drop_matched",
     # Noise removal: mask probability below 0.7 (above the 0.5 binarisation) and connected
     # pieces under 2 mask pixels are noise.
     noise_threshold=0.7,
@@ -52,26 +55,30 @@ def get_config(arg=None):
     max_owners=1,
     min_area_ratio=0.5,
     query_score_threshold=0.0,
-    # Pseudo-label statistics at step 1 for these (noise_threshold, min_component_area).
-    sensitivity=((0.5, 0), (0.7, 0), (0.5, 2), (0.7, 2), (0.8, 2), (0.9, 2), (0.7, 4)),
+    # Pseudo-label statistics at step 1 for these (noise_threshold, min_component_area); each
+    # setting compiles its own program, so smoke runs two (with and without the area rule).
+    sensitivity=size.pick(
+      full=((0.5, 0), (0.7, 0), (0.5, 2), (0.7, 2), (0.8, 2), (0.9, 2), (0.7, 4)),
+      demo=((0.5, 0), (0.7, 0), (0.5, 2), (0.7, 2), (0.8, 2), (0.9, 2), (0.7, 4)),
+      smoke=((0.5, 0), (0.7, 2)),
+    ),
   )
   config.inference = dict(object_mask_threshold=0.5, overlap_threshold=0.8)
   # AdamW (decay on kernels); each phase: linear warm-up then cosine decay to 0.
   config.optim = dict(weight_decay=1e-4)
-  config.step0 = dict(
-    steps=sizes.pick(size, full=3000, demo=1200, smoke=2),
+  config.step0 = size.table(
     learning_rate=1e-3,
-    warmup_steps=sizes.pick(size, full=100, demo=50, smoke=0),
+    full=dict(steps=3000, warmup_steps=100),
+    demo=dict(steps=1200, warmup_steps=50),
+    smoke=dict(steps=2, warmup_steps=0),
   )
   config.step1 = dict(
-    steps=sizes.pick(size, full=1000, demo=300, smoke=2), learning_rate=1e-3, warmup_steps=0
+    steps=size.pick(full=1000, demo=300, smoke=2), learning_rate=1e-3, warmup_steps=0
   )
-  config.train = common.train(
-    size,
-    batch_size=(16, 16, 8),
-    eval_batch_size=(64, 64, 8),
-    log_every=(100, 100, 1),
-    checkpoint_every=(500, 0, 0),
+  config.train = size.table(
+    full=dict(batch_size=16, eval_batch_size=64, log_every=100, checkpoint_every=500),
+    demo=dict(batch_size=16, eval_batch_size=64, log_every=100, checkpoint_every=0),
+    smoke=dict(batch_size=8, eval_batch_size=8, log_every=1, checkpoint_every=0),
   )
   main = ("naive", "method", "comformer", "joint")
   config.variants = main
@@ -85,6 +92,6 @@ def get_config(arg=None):
     "joint_step_images",
     "joint_step_images_3x",
   )
-  config.step1_only = sizes.pick(size, full=extra, demo=extra, smoke=())
-  config.num_overlays = sizes.pick(size, full=6, demo=4, smoke=2)
+  config.step1_only = size.pick(full=extra, demo=extra, smoke=())
+  config.num_overlays = size.pick(full=6, demo=4, smoke=2)
   return config

@@ -33,11 +33,11 @@ def cifar_lt_config(arg, *, name: str, p: int, k: int, head_threshold: int):
   """The CIFAR-LT config shared by CIFAR-10-LT and CIFAR-100-LT."""
   size = sizes.parse(arg)
   config = common.new_config("long_tail", size, num_seeds=(3, 1, 1))
-  config.methods = sizes.pick(size, full=METHODS, demo=METHODS, smoke=("dual", "ce"))
+  config.methods = size.pick(full=METHODS, demo=METHODS, smoke=("dual", "ce"))
   config.data = dict(
     name=name,
     data_dir="",
-    imbalance_ratios=sizes.pick(size, full=(100.0, 10.0), demo=(100.0,), smoke=(100.0,)),
+    imbalance_ratios=size.pick(full=(100.0, 10.0), demo=(100.0,), smoke=(100.0,)),
     imbalance_ratio=100.0,  # set per run from imbalance_ratios
     augment=True,
   )
@@ -47,26 +47,30 @@ def cifar_lt_config(arg, *, name: str, p: int, k: int, head_threshold: int):
   config.triplet = dict(p=p, k=k, mining="batch_hard", margin=0.2)
   config.loss = dict(lambda_ce=1.0, lambda_tri=1.0, logit_adjust_tau=1.0)
   config.eval = dict(many=100, few=20)
+  batch = 2 * p * k
+  # About 200 epochs of the rho = 100 training set at 128 images per step (full).
+  config.train = size.table(
+    schedule="joint",
+    full=dict(
+      steps=20_000, batch_size=batch, eval_batch_size=1000, log_every=200, checkpoint_every=2000
+    ),
+    demo=dict(
+      steps=1_000, batch_size=batch, eval_batch_size=1000, log_every=100, checkpoint_every=500
+    ),
+    smoke=dict(steps=2, batch_size=16, eval_batch_size=16, log_every=1, checkpoint_every=0),
+  )
+  # The dual arms' head branch: half of each step's images (the other half is the PK batch).
+  config.train.head_batch_size = size.pick(full=p * k, demo=p * k, smoke=8)
   # ResNet-32 (Cao et al. 2019): 3 stages of 5 basic blocks, widths 16/32/64.
-  config.model = dict(
-    stage_sizes=sizes.pick(size, full=(5, 5, 5), demo=(5, 5, 5), smoke=(1, 1, 1)),
-    widths=sizes.pick(size, full=(16, 32, 64), demo=(16, 32, 64), smoke=(8, 8, 8)),
-    embedding_dim=sizes.pick(size, full=128, demo=128, smoke=16),
+  config.model = size.table(
+    backbone="small",  # or "resnet18" / "resnet50" (which ignore stage_sizes and widths)
+    dtype="float32",
     stem_strides=1,
+    full=dict(stage_sizes=(5, 5, 5), widths=(16, 32, 64), embedding_dim=128),
+    demo=dict(stage_sizes=(5, 5, 5), widths=(16, 32, 64), embedding_dim=128),
+    smoke=dict(stage_sizes=(1, 1, 1), widths=(8, 8, 8), embedding_dim=16),
   )
   config.optim = common.sgd(size, learning_rate=0.1, warmup_steps=(500, 50, 0), weight_decay=2e-4)
-  batch = 2 * p * k
-  config.train = common.train(
-    size,
-    # About 200 epochs of the rho = 100 training set at 128 images per step.
-    steps=(20_000, 1_000, 2),
-    batch_size=(batch, batch, 16),
-    head_batch_size=(p * k, p * k, 8),
-    eval_batch_size=(1000, 1000, 16),
-    log_every=(200, 100, 1),
-    checkpoint_every=(2000, 500, 0),
-    schedule="joint",
-  )
   if size == "smoke":
     config.triplet.p, config.triplet.k = 4, 2
   return config

@@ -36,35 +36,31 @@ def get_config(arg=None):
   # Seeds: the paired few-shot difference needs about 2 * std / sqrt(n) < 3 points (the report
   # computes the SE obtained and the seeds a 3-point difference would need).
   config = common.new_config("long_tail", size, num_seeds=(10, 5, 1))
-  config.methods = sizes.pick(size, full=METHODS, demo=METHODS, smoke=("dual", "ce"))
+  config.methods = size.pick(full=METHODS, demo=METHODS, smoke=("dual", "ce"))
   config.data = dict(
     name="digits",
     data_dir="",
-    imbalance_ratios=sizes.pick(
-      size, full=(10.0, 50.0, 100.0), demo=(10.0, 50.0, 100.0), smoke=(10.0,)
-    ),
+    imbalance_ratios=size.pick(full=(10.0, 50.0, 100.0), demo=(10.0, 50.0, 100.0), smoke=(10.0,)),
     imbalance_ratio=10.0,  # set per run from imbalance_ratios
     augment=False,
   )
   config.head = dict(mode="threshold", threshold=40, ratio=0.3, top_n=3, sampling="random", p=4)
   config.triplet = dict(
-    p=sizes.pick(size, full=8, demo=8, smoke=4),
-    k=sizes.pick(size, full=4, demo=4, smoke=2),
+    p=size.pick(full=8, demo=8, smoke=4),
+    k=size.pick(full=4, demo=4, smoke=2),
     mining="batch_hard",
     margin=0.2,
   )
   config.loss = dict(lambda_ce=1.0, lambda_tri=1.0, logit_adjust_tau=1.0)
   config.eval = dict(many=50, few=20)
+  config.train = size.table(
+    schedule="joint",
+    full=dict(steps=1500, batch_size=64, eval_batch_size=256, log_every=100, checkpoint_every=500),
+    demo=dict(steps=300, batch_size=64, eval_batch_size=256, log_every=50, checkpoint_every=150),
+    smoke=dict(steps=3, batch_size=16, eval_batch_size=64, log_every=3, checkpoint_every=0),
+  )
+  # The dual arms' head branch: half of each step's images (the other half is the PK batch).
+  config.train.head_batch_size = size.pick(full=32, demo=32, smoke=8)
   config.model = common.digits_resnet()
   config.optim = common.adam(size)
-  config.train = common.train(
-    size,
-    steps=(1500, 300, 3),
-    batch_size=(64, 64, 16),
-    head_batch_size=(32, 32, 8),
-    eval_batch_size=(256, 256, 64),
-    log_every=(100, 50, 3),
-    checkpoint_every=(500, 150, 0),
-    schedule="joint",
-  )
   return config

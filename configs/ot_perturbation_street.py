@@ -25,7 +25,7 @@ def method_config(task, num_seeds, *, eps, alpha, ascent_steps, size):
     perturbed_only=False,  # True: loss2 alone; with vectors="logits" as Feature Scattering.
     cost="cosine",
     sinkhorn_epsilon=0.05,
-    sinkhorn_iterations=sizes.pick(size, full=50, demo=20, smoke=10),
+    sinkhorn_iterations=size.pick(full=50, demo=20, smoke=10),
   )
   return config
 
@@ -40,37 +40,39 @@ def get_config(arg=None):
     ascent_steps=(2, 1, 1),
     size=size,
   )
-  config.data = dict(
+  config.data = size.table(
     name="street_scenes",
     data_dir="",
-    image_size=sizes.pick(size, full=64, demo=32, smoke=32),
     domains=("day",),
-    train_per_domain=sizes.pick(size, full=400, demo=800, smoke=8),
-    test_per_domain=sizes.pick(size, full=400, demo=200, smoke=8),
-    max_test_examples=sizes.pick(size, full=400, demo=200, smoke=8),  # all test images
+    # max_test_examples: all test images.
+    full=dict(image_size=64, train_per_domain=400, test_per_domain=400, max_test_examples=400),
+    demo=dict(image_size=32, train_per_domain=800, test_per_domain=200, max_test_examples=200),
+    smoke=dict(image_size=32, train_per_domain=8, test_per_domain=8, max_test_examples=8),
+  )
+  config.train = size.table(
+    full=dict(steps=2000, batch_size=32, eval_batch_size=64, log_every=50, checkpoint_every=500),
+    demo=dict(steps=300, batch_size=16, eval_batch_size=48, log_every=25, checkpoint_every=100),
+    smoke=dict(steps=2, batch_size=8, eval_batch_size=8, log_every=1, checkpoint_every=2),
   )
   config.model = dict(
-    stage_sizes=(1, 1, 1), widths=(16, 32, 64), embedding_dim=32, head_channels=32
+    backbone="small",  # the detector's backbone
+    dtype="float32",
+    stage_sizes=(1, 1, 1),
+    widths=(16, 32, 64),
+    embedding_dim=32,
+    head_channels=32,
   )
   config.optim = common.adam(size, warmup_steps=(50, 10, 0))
-  config.train = common.train(
-    size,
-    steps=(2000, 300, 2),
-    batch_size=(32, 16, 8),
-    eval_batch_size=(64, 48, 8),
-    log_every=(50, 25, 1),
-    checkpoint_every=(500, 100, 2),
-    # Step 7 for every arm: its own target loss at the current parameters on the first
-    # `convergence_batch_size` training images, at every log point, against this threshold.
-    loss_threshold=0.05,
-    convergence_batch_size=(64, 64, 8),
+  # ot_group_size: test images matched together by the OT attack (padding rows weigh 0): the
+  # training batch's size, so the attack matches over as many images as the method trains with.
+  config.attack = size.table(
+    full=dict(steps=10, alpha=1.0 / 255.0, ot_group_size=32),
+    demo=dict(steps=3, alpha=2.0 / 255.0, ot_group_size=16),
+    smoke=dict(steps=1, alpha=2.0 / 255.0, ot_group_size=8),
   )
-  config.attack = dict(
-    steps=sizes.pick(size, full=10, demo=3, smoke=1),
-    alpha=sizes.pick(size, full=1.0 / 255.0, demo=2.0 / 255.0, smoke=2.0 / 255.0),
-    # Test images matched together by the OT attack (padding rows weigh 0): the training
-    # batch's size, so the attack matches over as many images as the method trains with.
-    ot_group_size=sizes.pick(size, full=32, demo=16, smoke=8),
-  )
-  config.eval = dict(top_k=sizes.pick(size, full=100, demo=50, smoke=20))
+  config.eval = dict(top_k=size.pick(full=100, demo=50, smoke=20))
+  # Step 7 for every arm: its own target loss at the current parameters on the first
+  # `convergence_batch_size` training images, at every log point, against this threshold.
+  config.train.loss_threshold = 0.05
+  config.train.convergence_batch_size = size.pick(full=64, demo=64, smoke=8)
   return config

@@ -12,22 +12,27 @@ from configs import sizes, uap_street
 def get_config(arg=None):
   size = sizes.parse(arg)
   config = uap_street.get_config(arg)
-  config.data = dict(
+  # A wider network (smoke keeps uap_street's), trained longer, on Cityscapes.
+  config.model.widths = size.pick(
+    full=(32, 64, 128), demo=(16, 32, 64), smoke=tuple(config.model.widths)
+  )
+  config.train.update(
+    size.table(
+      full=dict(steps=4000, batch_size=16, eval_batch_size=16),
+      demo=dict(steps=300, batch_size=16, eval_batch_size=16),
+      smoke=dict(steps=2, batch_size=8, eval_batch_size=8),
+    )
+  )
+  config.data = size.table(
     name="cityscapes",
     data_dir="",
-    resize=sizes.pick(size, full=(128, 256), demo=(64, 128), smoke=(32, 64)),
     num_datasets=3,
-    train_images=sizes.pick(size, full=0, demo=300, smoke=12),
-    heldout_images=sizes.pick(size, full=0, demo=100, smoke=4),
     test_fraction=0.2,
+    full=dict(resize=(128, 256), train_images=0, heldout_images=0),
+    demo=dict(resize=(64, 128), train_images=300, heldout_images=100),
+    smoke=dict(resize=(32, 64), train_images=12, heldout_images=4),
   )
-  config.model.widths = sizes.pick(
-    size, full=(32, 64, 128), demo=(16, 32, 64), smoke=tuple(config.model.widths)
-  )
-  config.train.steps = sizes.pick(size, full=4000, demo=300, smoke=2)
-  config.train.batch_size = sizes.pick(size, full=16, demo=16, smoke=8)
-  config.train.eval_batch_size = sizes.pick(size, full=16, demo=16, smoke=8)
-  config.attack.images_per_dataset = sizes.pick(size, full=64, demo=32, smoke=4)
-  config.adv_train.steps = sizes.pick(size, full=1000, demo=100, smoke=2)
-  config.report.overlay_images = sizes.pick(size, full=3, demo=2, smoke=1)
+  config.attack.images_per_dataset = size.pick(full=64, demo=32, smoke=4)
+  config.adv_train.steps = size.pick(full=1000, demo=100, smoke=2)
+  config.report.overlay_images = size.pick(full=3, demo=2, smoke=1)
   return config

@@ -11,12 +11,10 @@ from configs import segmentation_street, sizes
 
 
 def attack_fields(size):
-  """The `attack` block (shared with configs/uap_cityscapes.py)."""
-  return dict(
+  """The `attack` block (METHODS.md M1 steps 1-5; configs/uap_cityscapes.py inherits it)."""
+  return size.table(
     pairs=(("sidewalk", "road"), ("truck", "car")),
     xi=8.0 / 255.0,
-    alpha=sizes.pick(size, full=1.0 / 255.0, demo=2.0 / 255.0, smoke=2.0 / 255.0),
-    rounds=sizes.pick(size, full=10, demo=5, smoke=2),
     eps_r=0.0,  # the random start r_0 = eps_r N(0, 1): an option, off
     # Claim 5's random term inside every round (a fresh N(0, 1) draw per round), on; the
     # `eps_round` ablation runs the same attack without it.
@@ -26,8 +24,10 @@ def attack_fields(size):
     w_c=1.0,
     rho=1.0,
     weight_mode="uniform",
-    images_per_dataset=sizes.pick(size, full=128, demo=32, smoke=8),
     norm="linf",
+    full=dict(alpha=1.0 / 255.0, rounds=10, images_per_dataset=128),
+    demo=dict(alpha=2.0 / 255.0, rounds=5, images_per_dataset=32),
+    smoke=dict(alpha=2.0 / 255.0, rounds=2, images_per_dataset=8),
   )
 
 
@@ -39,38 +39,32 @@ def tune_fields(size):
   claims 3 and 7 make the random term part of R, and R without it is reported beside.
   """
   return dict(
-    gamma_scales=sizes.pick(
-      size, full=(1.0, 2.0, 4.0, 8.0), demo=(1.0, 2.0, 4.0, 8.0), smoke=(1.0, 4.0)
-    ),
-    eps_rs=sizes.pick(
-      size,
+    gamma_scales=size.pick(full=(1.0, 2.0, 4.0, 8.0), demo=(1.0, 2.0, 4.0, 8.0), smoke=(1.0, 4.0)),
+    eps_rs=size.pick(
       full=(0.25 / 255.0, 1.0 / 255.0, 4.0 / 255.0),
       demo=(0.25 / 255.0, 1.0 / 255.0, 4.0 / 255.0),
       smoke=(1.0 / 255.0,),
     ),
-    val_per_dataset=sizes.pick(size, full=60, demo=40, smoke=2),
+    val_per_dataset=size.pick(full=60, demo=40, smoke=2),
   )
 
 
 def get_config(arg=None):
   size = sizes.parse(arg)
-  config = segmentation_street.get_config(arg)
+  config = segmentation_street.get_config(arg)  # the baseline's data, model, optim and train
   config.experiment = "uap_segmentation"
-  config.data.image_size = sizes.pick(size, full=64, demo=32, smoke=32)
-  config.data.train_per_domain = sizes.pick(size, full=400, demo=200, smoke=8)
-  config.data.test_per_domain = sizes.pick(size, full=100, demo=50, smoke=8)
-  config.train.steps = sizes.pick(size, full=2000, demo=300, smoke=3)
   if size == "smoke":  # a smaller network compiles faster
-    config.model = dict(stage_sizes=(1, 1), widths=(8, 16), decoder_width=8)
+    config.model.update(stage_sizes=(1, 1), widths=(8, 16), decoder_width=8)
   config.attack = attack_fields(size)
   config.tune = tune_fields(size)
-  config.num_seeds = sizes.pick(size, full=3, demo=3, smoke=1)
+  config.num_seeds = size.pick(full=3, demo=3, smoke=1)
   config.ablation_attacks = ("eps_round", "correct_pixels")
-  config.adv_train = dict(
-    steps=sizes.pick(size, full=500, demo=100, smoke=2),
+  config.adv_train = size.table(
     ratio=0.5,
     learning_rate=1e-3,
-    checkpoint_every=sizes.pick(size, full=250, demo=50, smoke=1),
+    full=dict(steps=500, checkpoint_every=250),
+    demo=dict(steps=100, checkpoint_every=50),
+    smoke=dict(steps=2, checkpoint_every=1),
   )
-  config.report = dict(overlay_images=sizes.pick(size, full=3, demo=3, smoke=1))
+  config.report = dict(overlay_images=size.pick(full=3, demo=3, smoke=1))
   return ml_collections.ConfigDict(config)

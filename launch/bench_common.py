@@ -6,6 +6,8 @@ import importlib
 import json
 import os
 import platform
+import statistics
+import time
 
 _PEERS = (
   "jax",
@@ -297,3 +299,18 @@ def op_table(title: str, rows: list[dict]) -> str:
     kind = f" {row['kind']}" if "kind" in row else ""
     lines.append(f"  {row['ms_per_call']:8.2f} ms {100 * row['share']:5.1f}%  {row['op']}{kind}")
   return "\n".join(lines)
+
+
+def alternate(fns: dict, repeats: int, iters: int) -> dict:
+  """Times each callable `iters` times per round, rounds alternating; seconds per call."""
+  times = {name: [] for name in fns}
+  for fn in fns.values():  # warm-up (compilation, allocator)
+    fn()
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      for _ in range(iters):
+        fn()
+      times[name].append((time.perf_counter() - start) / iters)
+  stats = lambda t: {"min": min(t), "median": statistics.median(t), "max": max(t)}  # noqa: E731
+  return {name: stats(t) for name, t in times.items()}

@@ -20,7 +20,6 @@ torch and pytorch-metric-learning are benchmark-only dependencies (not in setup.
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,22 +37,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating rounds per measuremen
 _ITERS = flags.DEFINE_integer("iters", 3, "Calls per round (time per call is reported).")
 
 MARGIN = 0.2
-
-
-def alternate(fns: dict, repeats: int, iters: int) -> dict:
-  """Times each callable `iters` times per round, rounds alternating; seconds per call."""
-  times = {name: [] for name in fns}
-  for fn in fns.values():  # warm-up (compilation, allocator)
-    fn()
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      for _ in range(iters):
-        fn()
-      times[name].append((time.perf_counter() - start) / iters)
-  return {
-    name: {"min": min(t), "median": float(np.median(t)), "max": max(t)} for name, t in times.items()
-  }
 
 
 def triplet_benchmark(repeats: int, iters: int) -> dict:
@@ -88,7 +71,7 @@ def triplet_benchmark(repeats: int, iters: int) -> dict:
 
   value_jax = float(jax_step()[0])
   value_torch = float(torch_step().detach())
-  timing = alternate({"jax": jax_step, "torch_pml": torch_step}, repeats, iters)
+  timing = bench_common.alternate({"jax": jax_step, "torch_pml": torch_step}, repeats, iters)
   return {
     "what": "batch-hard triplet loss forward+backward, B=256, d=128, margin 0.2",
     "loss_jax": value_jax,
@@ -98,38 +81,36 @@ def triplet_benchmark(repeats: int, iters: int) -> dict:
   }
 
 
-def dual_step_benchmark(repeats: int, iters: int) -> dict:
-  """The digits experiment's dual step (32 head + 8 x 4 PK images) in JAX vs torch + pml."""
-  import torch
-  from pytorch_metric_learning import losses as pml_losses
-  from pytorch_metric_learning import miners, reducers
+NUM_CLASSES, HEAD_CLASSES = 10, np.arange(5)
 
-  num_classes, head_classes = 10, np.arange(5)
+
+def dual_step_inputs(scale: int = 1) -> dict:
+  """The digits dual step's batch as numpy: 32 x scale head images, (8 x 4) x scale PK images."""
   rs = np.random.RandomState(0)
-  head_img = rs.randint(0, 256, (32, 8, 8, 1)).astype(np.uint8)
-  head_lab = rs.randint(0, 5, 32)
-  pk_img = rs.randint(0, 256, (32, 8, 8, 1)).astype(np.uint8)
-  pk_lab = np.repeat(rs.choice(num_classes, 8, replace=False), 4)
+  return {
+    "head_image": rs.randint(0, 256, (32 * scale, 8, 8, 1)).astype(np.uint8),
+    "head_label": rs.randint(0, 5, 32 * scale),
+    "pk_image": rs.randint(0, 256, (32 * scale, 8, 8, 1)).astype(np.uint8),
+    "pk_label": np.repeat(rs.choice(NUM_CLASSES, 8, replace=False), 4 * scale),
+  }
 
-  model = ResNet(num_classes, (1, 1, 1), (16, 32, 64), 32, 1)
+
+def jax_dual_step(inputs: dict):
+  """Our compiled dual step (`arms.dual_loss_fn`, Adam) on `inputs`: a function running one step."""
+  model = ResNet(NUM_CLASSES, (1, 1, 1), (16, 32, 64), 32, 1)
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
   tx = optax.adam(1e-3)
   loss_fn = functools.partial(
     arms.dual_loss_fn,
     model=model,
-    head_classes=head_classes,
+    head_classes=HEAD_CLASSES,
     lambda_ce=1.0,
     lambda_tri=1.0,
     mining="batch_hard",
     margin=MARGIN,
   )
   step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, tx=tx))
-  batch = {
-    "head_image": jnp.asarray(head_img),
-    "head_label": jnp.asarray(head_lab),
-    "pk_image": jnp.asarray(pk_img),
-    "pk_label": jnp.asarray(pk_lab),
-  }
+  batch = jax.device_put(inputs)
   holder = {"state": state.create_train_state(params, tx)}
   rng = jax.random.key(1)
 
@@ -137,14 +118,26 @@ def dual_step_benchmark(repeats: int, iters: int) -> dict:
     holder["state"], metrics = step(holder["state"], batch, rng)
     return jax.block_until_ready(metrics["loss"])
 
-  net = bench_common.torch_classifier((1, 1, 1), (16, 32, 64), num_classes, 32, 1)
+  return jax_step
+
+
+def torch_dual_step(inputs: dict, device: str = "cpu"):
+  """The same step in torch + pytorch-metric-learning on `device`: a function running one step."""
+  import torch
+  from pytorch_metric_learning import losses as pml_losses
+  from pytorch_metric_learning import miners, reducers
+
+  net = bench_common.torch_classifier((1, 1, 1), (16, 32, 64), NUM_CLASSES, 32, 1).to(device)
   opt = torch.optim.Adam(net.parameters(), lr=1e-3)
   pml_loss = pml_losses.TripletMarginLoss(margin=MARGIN, reducer=reducers.MeanReducer())
   miner = miners.BatchHardMiner()
-  to_t = lambda im: torch.tensor(im, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0  # noqa: E731
-  th_img, th_lab = to_t(head_img), torch.tensor(head_lab)
-  tp_img, tp_lab = to_t(pk_img), torch.tensor(pk_lab)
-  head_idx = torch.tensor(head_classes)
+
+  def to_t(im):
+    return (torch.tensor(im, dtype=torch.float32).permute(0, 3, 1, 2) / 255.0).to(device)
+
+  th_img, th_lab = to_t(inputs["head_image"]), torch.tensor(inputs["head_label"]).to(device)
+  tp_img, tp_lab = to_t(inputs["pk_image"]), torch.tensor(inputs["pk_label"]).to(device)
+  head_idx = torch.tensor(HEAD_CLASSES).to(device)
 
   def torch_step():
     opt.zero_grad()
@@ -154,9 +147,18 @@ def dual_step_benchmark(repeats: int, iters: int) -> dict:
     loss = ce + pml_loss(emb, tp_lab, miner(emb, tp_lab))
     loss.backward()
     opt.step()
+    if device != "cpu":
+      torch.cuda.synchronize()
     return loss
 
-  timing = alternate({"jax": jax_step, "torch_pml": torch_step}, repeats, iters)
+  return torch_step
+
+
+def dual_step_benchmark(repeats: int, iters: int) -> dict:
+  """The digits experiment's dual step (32 head + 8 x 4 PK images) in JAX vs torch + pml."""
+  inputs = dual_step_inputs()
+  fns = {"jax": jax_dual_step(inputs), "torch_pml": torch_dual_step(inputs)}
+  timing = bench_common.alternate(fns, repeats, iters)
   return {
     "what": "dual step: ResNet(1,1,1)x(16,32,64) GroupNorm, 8x8x1, 32 head + 8x4 PK, Adam",
     **timing,

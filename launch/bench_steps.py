@@ -67,8 +67,13 @@ STEP_SPECS = {
 }
 
 
-def _jax_step(name: str, spec: dict):
-  """(compiled step, state, batch, rng, compile seconds, cost dict, fwd fn, grad fn)."""
+def jax_train_step(name: str, spec: dict):
+  """Our jitted train step for `name` in `STEP_SPECS` at `spec`, on JAX's default device.
+
+  Returns:
+    (compiled step, state, batch, rng, info with compile seconds / FLOPs / temp bytes,
+    jitted forward loss, jitted gradient, params).
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -111,7 +116,8 @@ def _jax_step(name: str, spec: dict):
   return compiled, state, batch, key, info, fwd, grad, params
 
 
-def _torch_step(name: str, spec: dict):
+def torch_train_step(name: str, spec: dict, device: str = "cpu"):
+  """The same step in eager PyTorch on `device`: a function running one step (synchronised)."""
   import numpy as np
   import torch
 
@@ -127,6 +133,7 @@ def _torch_step(name: str, spec: dict):
       spec["stage_sizes"], spec["widths"], spec["decoder_width"], k
     )
     y = torch.tensor(rng.integers(0, k, (b, s, s)))
+  model, x, y = model.to(device), x.to(device), y.to(device)
   opt = torch.optim.Adam(model.parameters(), 1e-3)
 
   def step():
@@ -136,6 +143,8 @@ def _torch_step(name: str, spec: dict):
     loss = torch.nn.functional.cross_entropy(logits, y)
     loss.backward()
     opt.step()
+    if device != "cpu":
+      torch.cuda.synchronize()
     return loss
 
   return step
@@ -278,8 +287,8 @@ def measure_variant(variant: str, steps_to_run, repeats: int, iters: int) -> dic
   }
   for name in steps_to_run:
     spec = STEP_SPECS[name]
-    compiled, state, batch, key, info, fwd, grad, params = _jax_step(name, spec)
-    torch_step = _torch_step(name, spec)
+    compiled, state, batch, key, info, fwd, grad, params = jax_train_step(name, spec)
+    torch_step = torch_train_step(name, spec)
     holder = {"state": state}
 
     def jax_iter(holder=holder, compiled=compiled, batch=batch, key=key):

@@ -45,25 +45,29 @@ XI, ALPHA = 8.0 / 255.0, 2.0 / 255.0
 PAIRS = ((1, 0), (6, 5))  # sidewalk -> road, truck -> car in the street-scene classes.
 
 
-def _inputs(seed: int = 0):
+def attack_inputs(n: int, s: int, seed: int = 0):
+  """Random images [n, s, s, 3] in [0, 1] and semantic labels [n, s, s] of the street classes."""
   import numpy as np
 
   rng = np.random.default_rng(seed)
-  n, s = _IMAGES.value, _SIZE.value
   x = rng.uniform(0.0, 1.0, (n, s, s, 3)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, (n, s, s)).astype(np.int32)
   return x, labels
 
 
-def jax_attack():
-  """A zero-argument function running `rounds` jitted rounds and blocking, and its compiled."""
+def jax_attack(n: int, s: int, rounds: int):
+  """Our jitted attack: `rounds` rounds on n images of s x s on JAX's default device.
+
+  Returns:
+    (a zero-argument function running it and blocking, its compiled program).
+  """
   import jax
   import jax.numpy as jnp
 
   from research.models.resnet import Segmenter
   from research.uap_segmentation import core
 
-  x, labels = _inputs()
+  x, labels = attack_inputs(n, s)
   model = Segmenter(NUM_CLASSES, STAGE_SIZES, WIDTHS, DECODER_WIDTH)
   params = model.init(jax.random.key(0), jnp.zeros((1,) + x.shape[1:]))["params"]
   mixed, mask = core.partial_targeted_labels(None, jnp.asarray(labels), jnp.asarray(PAIRS))
@@ -72,7 +76,7 @@ def jax_attack():
   def attack(params, x, mixed, mask):
     logits_fn = lambda images: model.apply({"params": params}, images)["logits"]  # noqa: E731
     return core.iterative_fgsm(
-      logits_fn, x, jnp.zeros_like(x), mixed, mask, rounds=_ROUNDS.value, alpha=ALPHA, xi=XI
+      logits_fn, x, jnp.zeros_like(x), mixed, mask, rounds=rounds, alpha=ALPHA, xi=XI
     )
 
   x = jnp.asarray(x)
@@ -80,8 +84,11 @@ def jax_attack():
   return lambda: compiled(params, x, mixed, mask).block_until_ready(), compiled
 
 
-def torch_attack():
-  """The same attack on the same architecture in PyTorch (CPU); None without torch."""
+def torch_attack(n: int, s: int, rounds: int, device: str = "cpu"):
+  """The same attack on the same architecture in PyTorch, eager on `device`; None without torch.
+
+  The returned function synchronises the device before it returns, so it can be timed.
+  """
   try:
     import torch
   except ImportError:
@@ -92,10 +99,11 @@ def torch_attack():
   model = bench_common.torch_segmenter(STAGE_SIZES, WIDTHS, DECODER_WIDTH, NUM_CLASSES).eval()
   for p in model.parameters():
     p.requires_grad_(False)
-  x_np, labels_np = _inputs()
-  x = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()
-  labels = torch.from_numpy(labels_np).long()
-  pairs = torch.tensor(PAIRS)
+  model = model.to(device)
+  x_np, labels_np = attack_inputs(n, s)
+  x = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous().to(device)
+  labels = torch.from_numpy(labels_np).long().to(device)
+  pairs = torch.tensor(PAIRS, device=device)
   matches = labels[..., None] == pairs[:, 0]
   mask = matches.any(-1)
   tgt = (matches.long() * pairs[:, 1]).sum(-1)
@@ -105,13 +113,15 @@ def torch_attack():
 
   def attack():
     r = torch.zeros_like(x)
-    for _ in range(_ROUNDS.value):
+    for _ in range(rounds):
       r.requires_grad_(True)
       ce = F.cross_entropy(model(x + r), mixed, reduction="none")
       loss = (weights * ce).mean(dim=(1, 2)).sum()
       (grad,) = torch.autograd.grad(loss, r)
       with torch.no_grad():
         r = torch.minimum(torch.maximum(r - ALPHA * grad.sign(), lower), upper)
+    if device != "cpu":
+      torch.cuda.synchronize()
     return r
 
   attack()  # warm-up
@@ -134,8 +144,9 @@ def _stats(times: list[float], work: float) -> dict:
 def bench_rounds() -> dict:
   """Alternating timings of the JAX and the PyTorch attack, and their per-op profiles."""
   work = float(_IMAGES.value * _ROUNDS.value)
-  ours, compiled = jax_attack()
-  impls = {"jax (ours, jitted)": ours, "pytorch (cpu, eager)": torch_attack()}
+  n, s, rounds = _IMAGES.value, _SIZE.value, _ROUNDS.value
+  ours, compiled = jax_attack(n, s, rounds)
+  impls = {"jax (ours, jitted)": ours, "pytorch (cpu, eager)": torch_attack(n, s, rounds)}
   impls = {k: v for k, v in impls.items() if v is not None}
   times = {k: [] for k in impls}
   for _ in range(_REPEATS.value):
@@ -165,7 +176,7 @@ def bench_scaling() -> dict:
   from research.models.resnet import Segmenter
   from research.uap_segmentation import core
 
-  x, labels = _inputs()
+  x, labels = attack_inputs(_IMAGES.value, _SIZE.value)
   model = Segmenter(NUM_CLASSES, STAGE_SIZES, WIDTHS, DECODER_WIDTH)
   params = model.init(jax.random.key(0), jnp.zeros((1,) + x.shape[1:]))["params"]
   apply_fn = functools.partial(_apply_logits, model)

@@ -4,18 +4,19 @@ r"""The main job: every available experiment at demo size on the embedded data, 
 
 Writes `<workdir>/report.md` with a table (experiment, metric, baseline, value, time) and
 links to each experiment's own report and plots in `<workdir>/<experiment>/`. Each experiment
-resumes from its checkpoints when the command is run again.
+resumes from its checkpoints when the command is run again. The workdir may be any `etils.epath`
+location (`gs://...`).
 """
 
 import importlib
-import os
 import time
 
 from absl import app, flags, logging
+from etils import epath
 
 from research import experiments
 from research.study import tables
-from research.training import progress
+from research.training import progress, tensorboard
 
 # (name, config module): one entry per experiment in the demo, in running order.
 DEMO_CONFIGS = (
@@ -33,7 +34,7 @@ _SIZE = flags.DEFINE_enum("size", "demo", ["demo", "smoke"], "Size of every expe
 _ONLY = flags.DEFINE_list("only", [], f"Subset of {[n for n, _ in DEMO_CONFIGS]} to run.")
 
 
-def run_demo(workdir: str, size: str, only: tuple[str, ...] = ()) -> str:
+def run_demo(workdir: str, size: str, only: tuple[str, ...] = ()) -> epath.Path:
   """Runs the demo experiments and writes the combined report; returns its path."""
   known = [n for n, _ in DEMO_CONFIGS]
   unknown = sorted(set(only) - set(known))
@@ -47,7 +48,7 @@ def run_demo(workdir: str, size: str, only: tuple[str, ...] = ()) -> str:
     config = importlib.import_module(module).get_config(size)
     logging.info("demo: running %s (%s)", name, size)
     summary = experiments.get_train_and_evaluate(config.experiment)(
-      config, os.path.join(workdir, name)
+      config, str(epath.Path(workdir) / name)
     )
     for row in summary["rows"]:
       rows.append(
@@ -78,8 +79,11 @@ def main(argv):
   """Runs the demo and prints its report."""
   del argv
   progress.quiet_library_logs()
-  path = run_demo(_WORKDIR.value, _SIZE.value, tuple(_ONLY.value))
-  print(open(path).read())
+  try:
+    path = run_demo(_WORKDIR.value, _SIZE.value, tuple(_ONLY.value))
+  finally:
+    tensorboard.flush_all()  # a workdir that is not local: metrics and events not yet written
+  print(path.read_text())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ its newest checkpoint in DIR; `--restart` deletes DIR's checkpoints first and st
 0 (needed after a config change, which makes the old checkpoints another run's). One run at a
 time holds DIR: a second one fails at once, naming the holder's pid. TensorBoard event files
 go to DIR/tb/ (`tensorboard --logdir DIR`); `--tensorboard=false` turns them off.
+
+DIR may be any `etils.epath` location, e.g. `gs://bucket/runs/x` on a TPU VM: every file of the
+run is written through `etils.epath`; such a DIR is locked on the machine that runs only
+(`research.training.workdir_lock`).
 """
 
 import json
@@ -16,7 +20,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from research import experiments
-from research.training import checkpoint, parallel, progress, workdir_lock
+from research.training import checkpoint, parallel, progress, tensorboard, workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config",
@@ -55,9 +59,12 @@ def main(argv):
   config = _CONFIG.value
   train_and_evaluate = experiments.get_train_and_evaluate(config.experiment)
   with workdir_lock.hold(_WORKDIR.value):
-    if _RESTART.value:
-      restart(_WORKDIR.value)
-    summary = train_and_evaluate(config, _WORKDIR.value)
+    try:
+      if _RESTART.value:
+        restart(_WORKDIR.value)
+      summary = train_and_evaluate(config, _WORKDIR.value)
+    finally:
+      tensorboard.flush_all()  # a workdir that is not local: metrics and events not yet written
   logging.info("summary: %s", json.dumps(summary.get("rows", []), default=float))
 
 

@@ -6,7 +6,7 @@ r"""Rebuilds a run's report from its saved results, without training.
 
 Reads `DIR/results.json`, finds the experiment's `write_report` and writes `report.md`, the
 plots built from results and `summary.json` again. A notebook calls the same function:
-`research.experiments.rebuild_report(DIR)`.
+`research.experiments.rebuild_report(DIR)`. DIR may be any `etils.epath` location (`gs://...`).
 
 With `--merge`, the runs of one experiment on disjoint seeds (e.g. one process or host per seed,
 `--config.seed=k --config.num_seeds=1`) are first merged into `DIR/results.json`

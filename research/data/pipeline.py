@@ -357,22 +357,19 @@ class EvalBatches:
 
 
 def eval_batches(
-  source: Sequence,
-  batch_size: int,
-  transform: Transform,
-  *,
-  process_index: int = 0,
-  process_count: int = 1,
-  workers: int = 0,
-  threads: int = 0,
-  prefetch: int = 2,
+  loader: EvalBatches, *, workers: int = 0, threads: int = 0, prefetch: int = 2
 ) -> Iterator[dict[str, np.ndarray]]:
-  """A split streamed in order in padded batches (see `EvalBatches`); memory holds a few.
+  """A split streamed in order in padded batches; memory holds a few.
+
+  Args:
+    loader: the split, batch size, transform and this host's slice (`EvalBatches`).
+    workers: worker processes (0: in this process).
+    threads: reader threads per worker.
+    prefetch: batches each worker keeps ready.
 
   Yields:
     {key: [B / process_count, ...], "valid": [B / process_count] bool, "index": [...] int32}.
   """
-  loader = EvalBatches(source, batch_size, transform, process_index, process_count)
   iterator = iter(
     step_dataset(loader, 0, len(loader), workers=workers, threads=threads, prefetch=prefetch)
   )

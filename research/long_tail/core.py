@@ -233,38 +233,20 @@ def batch_hard_triplet_loss(
   return _masked_mean(jax.nn.relu(d_ap - d_an + margin), anchor_ok)
 
 
-def soft_margin_triplet_loss(
-  emb: jax.Array,
-  labels: jax.Array,
-  *,
-  squared: bool = False,
-  valid: jax.Array | None = None,
+def _soft_margin_triplet_loss(
+  emb: jax.Array, labels: jax.Array, squared: bool, valid: jax.Array | None
 ) -> jax.Array:
   """Soft-margin batch-hard triplet loss ``softplus(d_ap - d_an)`` (Hermans et al. 2017).
 
   METHODS.md M3 step 3 option 'soft_margin'. Same hardest pairs and anchor averaging as
-  `batch_hard_triplet_loss`; there is no margin.
-
-  Args:
-    emb: ``[B, D]`` embeddings.
-    labels: ``[B]`` integer class labels.
-    squared: use squared Euclidean distances.
-    valid: optional ``[B]`` bool mask; False rows (padding) take no part.
-
-  Returns:
-    Scalar loss.
+  `batch_hard_triplet_loss`; there is no margin. Arguments and result as in `triplet_loss`.
   """
   d_ap, d_an, anchor_ok = _hardest_pairs(emb, labels, squared, valid)
   return _masked_mean(jax.nn.softplus(d_ap - d_an), anchor_ok)
 
 
-def batch_all_triplet_loss(
-  emb: jax.Array,
-  labels: jax.Array,
-  margin: float,
-  *,
-  squared: bool = False,
-  valid: jax.Array | None = None,
+def _batch_all_triplet_loss(
+  emb: jax.Array, labels: jax.Array, margin: float, squared: bool, valid: jax.Array | None
 ) -> jax.Array:
   """Batch-all triplet loss, METHODS.md M3 step 3 option 'batch_all'.
 
@@ -273,15 +255,7 @@ def batch_all_triplet_loss(
   2017 "BA≠0", as in the common TF implementation); 0 when no triplet is active. Uses a
   ``[B, B, B]`` intermediate.
 
-  Args:
-    emb: ``[B, D]`` embeddings.
-    labels: ``[B]`` integer class labels.
-    margin: margin ``m >= 0`` (a Python number).
-    squared: use squared Euclidean distances.
-    valid: optional ``[B]`` bool mask; False rows (padding) take no part.
-
-  Returns:
-    Scalar loss.
+  Arguments and result as in `triplet_loss`.
   """
   _check_margin(margin)
   dist = pairwise_distances(emb, squared)
@@ -317,9 +291,9 @@ def triplet_loss(
   if mining == "batch_hard":
     return batch_hard_triplet_loss(emb, labels, margin, squared=squared, valid=valid)
   if mining == "batch_all":
-    return batch_all_triplet_loss(emb, labels, margin, squared=squared, valid=valid)
+    return _batch_all_triplet_loss(emb, labels, margin, squared, valid)
   if mining == "soft_margin":
-    return soft_margin_triplet_loss(emb, labels, squared=squared, valid=valid)
+    return _soft_margin_triplet_loss(emb, labels, squared, valid)
   raise ValueError(f"mining={mining!r} is not allowed: mining must be one of {MINING_MODES}")
 
 

@@ -3,7 +3,7 @@
 The detection model of METHODS.md M5 (step 1 "load the detection model to train", step 6
 "detection loss"). CenterNet (Zhou et al., "Objects as Points", 2019) conventions:
 
-- Outputs live on the backbone's feature map of stride ``s``: per-class centre heatmap logits
+- Outputs live on the feature map of stride ``s``: per-class centre heatmap logits
   ``[B, h, w, K]``, box size ``(w, h)`` in feature-map cells ``[B, h, w, 2]`` and the sub-cell
   centre offset ``[B, h, w, 2]``.
 - An object with box ``(x0, y0, x1, y1)`` in pixels has centre ``c = ((x0 + x1) / 2,
@@ -16,18 +16,28 @@ The detection model of METHODS.md M5 (step 1 "load the detection model to train"
 
 Everything here is jit-compatible with fixed shapes (``N_max`` padded objects with a validity
 mask, fixed ``K`` detections).
+
+Backbones (:func:`resnet_detector`, ``model.backbone`` of ``research.models.resnet``):
+``'small'`` is the configurable ResNet whose last stage already has the output stride (the
+M5 detector: stride-1 stem and three stages, stride 4), used as is. The named ImageNet ResNets
+(``'resnet18'``, ``'resnet50'``) end at stride 32, so a :class:`TopDownNeck` (FPN's top-down
+pathway: 1x1 laterals, nearest-neighbour upsampling and sums, a 3x3 output convolution) merges
+their four stage outputs into one map at the stride of their first stage, 4. The head, target
+encoding, loss and decoding are the same for every backbone.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from research.models import conv
+from research.models import conv, resnet
 
 Array = jax.Array
 
@@ -84,10 +94,13 @@ class CenterNetHead(nn.Module):
   Attributes:
     num_classes: number of object classes K.
     head_channels: hidden channels of each head.
+    dtype: compute dtype (None: that of the inputs and parameters); the outputs are float32
+      when it is given.
   """
 
   num_classes: int
   head_channels: int = 64
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, feature_map: Array) -> dict[str, Array]:
@@ -101,9 +114,14 @@ class CenterNetHead(nn.Module):
     """
     _check_positive_int("num_classes", self.num_classes)
 
+    d = self.dtype
+
     def head(name: str, out: int, bias_init=nn.initializers.zeros) -> Array:
-      h = nn.relu(conv.Conv(self.head_channels, (3, 3), name=f"{name}_hidden")(feature_map))
-      return conv.Conv(out, (1, 1), bias_init=bias_init, name=f"{name}_out")(h)
+      h = nn.relu(
+        conv.Conv(self.head_channels, (3, 3), name=f"{name}_hidden", dtype=d)(feature_map)
+      )
+      y = conv.Conv(out, (1, 1), bias_init=bias_init, name=f"{name}_out", dtype=d)(h)
+      return y if d is None else y.astype(jnp.float32)
 
     return {
       "heatmap": head("heatmap", self.num_classes, nn.initializers.constant(HEATMAP_BIAS_INIT)),
@@ -112,21 +130,68 @@ class CenterNetHead(nn.Module):
     }
 
 
+class TopDownNeck(nn.Module):
+  """FPN's top-down pathway (Lin et al., 2017) kept to its finest output: one stride-s map.
+
+  Each stage output ``C_i`` (fine -> coarse) is projected to ``features`` channels by a 1x1
+  lateral convolution; from the coarsest stage down, the running map is upsampled (nearest
+  neighbour, to the next finer stage's size) and added to that stage's lateral; a 3x3
+  convolution smooths the finest sum (FPN's output convolution, here only for ``P_2``).
+
+  Attributes:
+    features: channels of the laterals and of the output map.
+    dtype: compute dtype (None: that of the inputs and parameters).
+  """
+
+  features: int = 64
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, stage_maps: Sequence[Array]) -> Array:
+    """Merges the stage outputs top-down.
+
+    Args:
+      stage_maps: ``[B, H_i, W_i, C_i]`` stage outputs, fine -> coarse (``H_i`` non-increasing).
+
+    Returns:
+      ``[B, H_0, W_0, features]``, at the resolution of the first (finest) stage.
+    """
+    if not stage_maps:
+      raise ValueError("stage_maps is empty: the neck needs at least one stage output")
+
+    def lateral(i: int) -> Array:
+      return conv.Conv(self.features, (1, 1), name=f"lateral_{i}", dtype=self.dtype)(stage_maps[i])
+
+    y = lateral(len(stage_maps) - 1)
+    for i in reversed(range(len(stage_maps) - 1)):
+      shape = (*stage_maps[i].shape[:3], self.features)
+      y = jax.image.resize(y, shape, "nearest") + lateral(i)
+    return conv.Conv(self.features, (3, 3), name="output", dtype=self.dtype)(y)
+
+
 class Detector(nn.Module):
-  """Backbone + :class:`CenterNetHead`.
+  """Backbone (+ optional neck) + :class:`CenterNetHead`.
 
   Attributes:
     backbone: module with ``backbone(x, train) -> {'feature_map': [B, h, w, F], 'embedding':
-      [B, D], ...}`` where ``h = H / stride``, ``w = W / stride``.
+      [B, D], ...}`` where ``h = H / stride``, ``w = W / stride`` (with a ``neck``: a
+      ``'features'`` list of stage outputs and ``'embedding'``).
     num_classes: number of object classes K.
-    stride: the backbone's output stride (used to check shapes; pass it to decoding).
+    stride: the output stride of the feature map (used to check shapes; pass it to decoding).
     head_channels: hidden channels of each head.
+    neck: None (the head reads the backbone's ``feature_map``) or a module mapping the
+      backbone's ``features`` (stage outputs, fine -> coarse) to the ``[B, h, w, F]`` map, e.g.
+      :class:`TopDownNeck`.
+    dtype: compute dtype of the head (None: that of the feature map and parameters); the head
+      outputs are float32 when it is given.
   """
 
   backbone: nn.Module
   num_classes: int
   stride: int
   head_channels: int = 64
+  neck: nn.Module | None = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> dict[str, Array]:
@@ -143,16 +208,85 @@ class Detector(nn.Module):
     """
     _check_positive_int("stride", self.stride)
     features = self.backbone(x, train)
-    feature_map = features["feature_map"]
+    if self.neck is None:
+      feature_map = features["feature_map"]
+    else:
+      feature_map = self.neck(features["features"])
     expected = (x.shape[1] // self.stride, x.shape[2] // self.stride)
     if feature_map.shape[1:3] != expected:
       raise ValueError(
         f"feature_map has spatial shape {feature_map.shape[1:3]}: with images {x.shape[1:3]} "
         f"and stride={self.stride} it must be {expected}"
       )
-    outputs = CenterNetHead(self.num_classes, self.head_channels, name="head")(feature_map)
+    head = CenterNetHead(self.num_classes, self.head_channels, self.dtype, name="head")
+    outputs = head(feature_map)
     pooled = features.get("pooled", jnp.mean(feature_map, axis=(1, 2)))
     return {**outputs, "embedding": features["embedding"], "pooled": pooled}
+
+
+def resnet_detector(
+  num_classes: int,
+  stride: int,
+  head_channels: int = 64,
+  *,
+  backbone: str = "small",
+  dtype: Any = None,
+  stage_sizes: Sequence[int] = (2, 2, 2),
+  widths: Sequence[int] = (16, 32, 64),
+  embedding_dim: int = 64,
+  stem_strides: int = 1,
+  neck_channels: int = 64,
+) -> Detector:
+  """A :class:`Detector` on a ``research.models.resnet.ResNet`` backbone chosen by name.
+
+  ``'small'``: the head reads the last stage output of ``ResNet(0, stage_sizes, widths,
+  embedding_dim, stem_strides)`` (its stride, ``stem_strides * 2**(len(stage_sizes) - 1)``,
+  must be ``stride``); ``neck_channels`` is ignored. ``'resnet18'`` / ``'resnet50'``: a
+  :class:`TopDownNeck` of ``neck_channels`` merges the four stage outputs (strides 4-32) into
+  the stride-4 map, so ``stride`` must be 4; ``stage_sizes``, ``widths`` and ``stem_strides``
+  are ignored.
+
+  Parameters are ``{'backbone': ResNet's, 'neck': (named backbones only), 'head': ...}``, so
+  ``pretrained.restore_params(directory, params, target='backbone')`` initialises the
+  backbone from a checkpoint of a headless ``ResNet`` with the same ``backbone`` and
+  ``embedding_dim``.
+
+  Args:
+    num_classes: number of object classes K.
+    stride: output stride of the detector (input pixels per heatmap cell).
+    head_channels: hidden channels of each head.
+    backbone: one of ``resnet.BACKBONES``.
+    dtype: compute dtype of backbone, neck and head (None: float32); parameters stay float32
+      and the head outputs, ``embedding`` and ``pooled`` are float32.
+    stage_sizes: blocks per stage of the ``'small'`` backbone.
+    widths: channels per stage of the ``'small'`` backbone.
+    embedding_dim: size of the backbone's embedding.
+    stem_strides: stem stride of the ``'small'`` backbone.
+    neck_channels: channels of the neck (named backbones).
+
+  Raises:
+    ValueError: ``backbone`` is not one of ``resnet.BACKBONES`` (naming the field, the value
+      and the allowed names), or a named backbone with ``stride != 4``.
+  """
+  resnet.check_backbone(backbone)
+  net = resnet.ResNet(
+    0,
+    tuple(stage_sizes),
+    tuple(widths),
+    embedding_dim,
+    stem_strides,
+    backbone=backbone,
+    dtype=dtype,
+  )
+  if backbone == "small":
+    return Detector(net, num_classes, stride, head_channels, dtype=dtype)
+  if stride != resnet.NAMED_STRIDES[0]:
+    raise ValueError(
+      f"stride={stride} is not allowed with backbone={backbone!r}: its neck ends at its first "
+      f"stage, stride {resnet.NAMED_STRIDES[0]}"
+    )
+  neck = TopDownNeck(neck_channels, dtype=dtype)
+  return Detector(net, num_classes, stride, head_channels, neck=neck, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,30 +395,19 @@ def encode_targets(
   }
 
 
-def encode_batch_targets(
-  boxes: Array,
-  classes: Array,
-  valid: Array,
-  *,
-  num_classes: int,
-  output_size: tuple[int, int],
-  stride: int,
-  min_overlap: float = 0.7,
-) -> dict[str, Array]:
-  """:func:`encode_targets` over a batch: inputs ``[B, N_max, ...]``, outputs ``[B, ...]``."""
+def encode_batch_targets(boxes: Array, classes: Array, valid: Array, **options) -> dict[str, Array]:
+  """:func:`encode_targets` over a batch: inputs ``[B, N_max, ...]``, outputs ``[B, ...]``.
+
+  Args:
+    boxes: ``[B, N_max, 4]``.
+    classes: ``[B, N_max]``.
+    valid: ``[B, N_max]``.
+    **options: the keyword arguments of :func:`encode_targets` (``num_classes``,
+      ``output_size``, ``stride``, ``min_overlap``), the same for every image.
+  """
   if boxes.ndim != 3:
     raise ValueError(f"boxes has shape {boxes.shape}: it must be [B, N_max, 4]")
-  return jax.vmap(
-    lambda b, c, v: encode_targets(
-      b,
-      c,
-      v,
-      num_classes=num_classes,
-      output_size=output_size,
-      stride=stride,
-      min_overlap=min_overlap,
-    )
-  )(boxes, classes, valid)
+  return jax.vmap(functools.partial(encode_targets, **options))(boxes, classes, valid)
 
 
 # --------------------------------------------------------------------------------------------

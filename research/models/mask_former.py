@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research import field_checks
 from research.models import conv
 
 
@@ -282,10 +283,9 @@ class MaskFormer(nn.Module):
 
   def __post_init__(self):
     """Validates the configuration at construction."""
-    for field in ("num_classes", "num_queries", "hidden_dim", "num_decoder_layers", "num_heads"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{field}={value!r} is not allowed: {field} must be an int >= 1")
+    field_checks.check_positive_int_fields(
+      self, ("num_classes", "num_queries", "hidden_dim", "num_decoder_layers", "num_heads")
+    )
     if self.hidden_dim % self.num_heads:
       raise ValueError(
         f"hidden_dim={self.hidden_dim} is not allowed: hidden_dim must be divisible by "

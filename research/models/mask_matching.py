@@ -202,18 +202,23 @@ def _scipy_assignment(cost: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, 
   (q, t), batch = cost.shape[-2:], np.broadcast_shapes(cost.shape[:-2], valid.shape[:-1])
   flat = np.broadcast_to(cost, (*batch, q, t)).reshape(-1, q, t)
   flat_valid = np.broadcast_to(valid, (*batch, t)).reshape(-1, t)
-  rows = np.empty((flat.shape[0], min(q, t)), np.int32)
+  k = min(q, t)
+  rows = np.empty((flat.shape[0], k), np.int32)
   cols = np.empty_like(rows)
+  all_finite = np.isfinite(flat).all()  # one check for the batch; the loop is the hot path
   for n, (matrix, is_valid) in enumerate(zip(flat, flat_valid)):
-    valid_cols, padded_cols = np.flatnonzero(is_valid), np.flatnonzero(~is_valid)
-    sub = matrix[:, valid_cols]
-    finite = np.isfinite(sub)
-    if not finite.all():  # A NaN or inf cost must not stop the program: it is matched last.
+    sub = matrix[:, is_valid]
+    if not all_finite:  # A NaN or inf cost must not stop the program: it is matched last.
+      finite = np.isfinite(sub)
       sub = np.where(finite, sub, sub[finite].max(initial=0.0) + 1.0)
     r, c = scipy.optimize.linear_sum_assignment(sub)
-    free_rows = np.setdiff1d(np.arange(q), r)[: min(q, t) - len(r)]
-    rows[n] = np.concatenate([r, free_rows])
-    cols[n] = np.concatenate([valid_cols[c], padded_cols[: len(free_rows)]])
+    m = len(r)
+    rows[n, :m], cols[n, :m] = r, np.flatnonzero(is_valid)[c]
+    if m < k:  # padded columns take the first queries left unused
+      unused = np.ones(q, bool)
+      unused[r] = False
+      rows[n, m:] = np.flatnonzero(unused)[: k - m]
+      cols[n, m:] = np.flatnonzero(~is_valid)[: k - m]
   return rows.reshape(*batch, -1), cols.reshape(*batch, -1)
 
 
@@ -274,16 +279,7 @@ def match_targets(
 ) -> tuple[jax.Array, jax.Array]:
   """`hungarian_match(matching_cost(...))` for one image; `jax.vmap` it for a batch.
 
-  Args:
-    class_logits: `[Q, C+1]` class logits.
-    mask_logits: `[Q, h, w]` mask logits.
-    target_classes: `[T]` int classes.
-    target_masks: `[T, h, w]` masks at the prediction resolution.
-    target_valid: `[T]` bool.
-    w_class: weight of the class cost.
-    w_bce: weight of the sigmoid BCE cost.
-    w_dice: weight of the dice cost.
-    solver: Hungarian solver, one of `SOLVERS` (see `hungarian_match`).
+  The arguments are those of `matching_cost`, and `solver` is that of `hungarian_match`.
 
   Returns:
     `query_index_for_target` `[T]` int32 and `matched_mask` `[T]` bool.

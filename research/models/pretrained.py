@@ -10,26 +10,30 @@ that part is checked against the checkpoint's metadata: the same paths and the s
 checkpoint of another backbone, with missing or extra parameters or other shapes, raises one
 `PretrainedMismatchError` naming the first mismatching parameter path and both shapes. Restored
 leaves take the dtype of the fresh tree (float32 parameters stay float32).
+
+A checkpoint directory may be any `etils.epath` location Orbax reads and writes (`gs://...`).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+
+from research.training import checkpoint
 
 
 class PretrainedMismatchError(ValueError):
   """The checkpoint's parameters do not match the model's (paths or shapes)."""
 
 
-def save_params(directory: str, params: Any) -> None:
+def save_params(directory: epath.PathLike, params: Any) -> None:
   """Writes a parameter tree to the (new) Orbax item `directory` and waits until it is on disk."""
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(directory), params)
+    checkpointer.save(checkpoint.orbax_directory(directory), params)
     checkpointer.wait_until_finished()
 
 
@@ -96,12 +100,16 @@ def check_shapes(saved: Any, expected: Any, prefix: str = "") -> None:
 
 
 def restore_params(
-  directory: str, params: Any, *, target: str | None = None, source: str | None = None
+  directory: epath.PathLike,
+  params: Any,
+  *,
+  target: str | None = None,
+  source: str | None = None,
 ) -> Any:
   """`params` with its part `target` replaced by the checkpoint's parameters `source`.
 
   Args:
-    directory: an Orbax item directory (see the module docstring).
+    directory: an Orbax item directory (see the module docstring), any `etils.epath` location.
     params: a freshly initialised parameter tree (e.g. `model.init(...)["params"]`).
     target: slash path of the part of `params` to restore, e.g. `'backbone'` (None: all).
     source: slash path of the saved subtree to read, e.g. `'params'` for a training state or
@@ -115,8 +123,8 @@ def restore_params(
       `target` / `source` is not in its tree.
     FileNotFoundError: when `directory` does not exist.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = checkpoint.orbax_directory(directory)
+  if not directory.is_dir():
     raise FileNotFoundError(f"no checkpoint directory at {directory}")
   fresh = _subtree(params, target, "the model's parameter tree")
   with ocp.StandardCheckpointer() as checkpointer:

@@ -76,6 +76,15 @@ def model_options(config: Any) -> dict[str, Any]:
   return {"backbone": backbone_from_config(config), "dtype": dtype_from_config(config)}
 
 
+def backbone_options(config: Any) -> dict[str, Any]:
+  """`model_options` with `stage_sizes` and `widths` (tuples) of `config.model`.
+
+  The backbone arguments that `ResNet` and `Segmenter` take alike, validated.
+  """
+  m = config.model
+  return {"stage_sizes": tuple(m.stage_sizes), "widths": tuple(m.widths), **model_options(config)}
+
+
 def feature_strides(
   backbone: str = "small", num_stages: int = 3, stem_strides: int = 1
 ) -> tuple[int, ...]:
@@ -122,12 +131,22 @@ def residual_out(x: jnp.ndarray, y: jnp.ndarray, strides: int, dtype: Any) -> jn
   return nn.relu(x + y)
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convolutions with a projection shortcut when the shape changes."""
+class ResidualBlock(nn.Module):
+  """The fields of a residual block, which `ResNet` builds as `block(width, strides, dtype=d)`.
+
+  Attributes:
+    features: the block's width (`BasicBlock` outputs it, `Bottleneck` 4 times it).
+    strides: the stride of the block (its first 3x3 convolution and the shortcut).
+    dtype: compute dtype (None: float32).
+  """
 
   features: int
   strides: int = 1
   dtype: Any = None
+
+
+class BasicBlock(ResidualBlock):
+  """Two 3x3 convolutions with a projection shortcut when the shape changes."""
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -137,12 +156,8 @@ class BasicBlock(nn.Module):
     return residual_out(x, y, self.strides, self.dtype)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualBlock):
   """1x1 reduce, 3x3 (strided), 1x1 expand by `BOTTLENECK_EXPANSION`; projection shortcut."""
-
-  features: int
-  strides: int = 1
-  dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:

@@ -30,6 +30,8 @@ from ott.geometry import costs, geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
+from research import field_checks
+
 PERTURBATION_KINDS = ("uniform", "gaussian", "photometric")
 COST_KINDS = ("cosine", "sqeuclidean")
 RELATIVE_EPSILON_KINDS = (None, "mean")
@@ -242,10 +244,7 @@ class SinkhornConfig:
     _check_choice("relative_epsilon", self.relative_epsilon, RELATIVE_EPSILON_KINDS)
     _check_in_range("min_epsilon", self.min_epsilon, 0.0, math.inf, "a finite number >= 0")
     _check_positive("threshold", self.threshold)
-    for name in ("max_iterations", "inner_iterations"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value} is not allowed: {name} must be an int >= 1")
+    field_checks.check_positive_int_fields(self, ("max_iterations", "inner_iterations"))
     if self.max_iterations % self.inner_iterations:
       raise ValueError(
         f"max_iterations={self.max_iterations} is not allowed: max_iterations must be a "

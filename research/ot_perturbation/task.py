@@ -27,10 +27,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from research import config_checks, losses
+from research import losses
 from research.data import detection
 from research.models import detector, resnet
-from research.models.resnet import ResNet
 from research.ot_perturbation import core
 from research.ot_perturbation.settings import DETECTOR_STRIDE, Spec
 from research.supervised import classification
@@ -62,29 +61,25 @@ def arm_training(arm: str, spec: Spec) -> tuple[str, str]:
 
 
 def build_task_model(config: ml_collections.ConfigDict, task: str, num_classes: int) -> Any:
-  """Detector on a 3-stage ResNet backbone (stride 4), or the classification ResNet.
+  """The detector (stride `DETECTOR_STRIDE`) or the classification ResNet.
 
-  The classifier takes `model.backbone` and `model.dtype` (see `classification.build_model`);
-  the detector takes `model.dtype` and only the 'small' backbone (its stride is fixed at
-  `DETECTOR_STRIDE`; the named backbones have output stride 32).
+  Both take `model.backbone` and `model.dtype` (see `resnet.model_options`). The detector is
+  `detector.resnet_detector`: the 'small' backbone is the 3-stage ResNet of `model.stage_sizes`
+  and `model.widths` with a stride-1 stem, whose last stage has stride 4; the named ones
+  ('resnet18', 'resnet50') get a top-down neck down to their stride-4 first stage.
   """
   if task == "classification":
     return classification.build_model(config, num_classes)
-  if resnet.backbone_from_config(config) != "small":
-    raise config_checks.ConfigError(
-      f"config.model.backbone={config.model.backbone!r} is not allowed with "
-      f"task='detection': the detector needs the 'small' backbone (stride {DETECTOR_STRIDE})"
-    )
   m = config.model
-  backbone = ResNet(
-    0,
-    tuple(m.stage_sizes),
-    tuple(m.widths),
-    m.embedding_dim,
-    1,
-    dtype=resnet.dtype_from_config(config),
+  return detector.resnet_detector(
+    num_classes,
+    DETECTOR_STRIDE,
+    m.head_channels,
+    stage_sizes=m.stage_sizes,
+    widths=m.widths,
+    embedding_dim=m.embedding_dim,
+    **resnet.model_options(config),
   )
-  return detector.Detector(backbone, num_classes, DETECTOR_STRIDE, m.head_channels)
 
 
 def task_targets(batch: dict, spec: Spec) -> Any:
@@ -199,11 +194,12 @@ def ot_target_set(
   *,
   model: Any,
   spec: Spec,
-  steps_: int,
-  alpha: float,
   weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
   """Steps 3-5: the target perturbed set maximising `D`, from the perturbed set `x_init`.
+
+  The ascent takes `spec.ot.ascent_steps` steps of size `spec.ot.alpha` (the evaluation
+  attack passes `attack_spec(spec)`).
 
   Args:
     params: model parameters.
@@ -211,8 +207,6 @@ def ot_target_set(
     x_init: `initial_perturbed_set`'s output.
     model: detector or classifier.
     spec: static settings.
-    steps_: ascent steps.
-    alpha: ascent step size.
     weights: optional `[B]` transport weights (0 on padding rows); ascent only.
 
   Returns:
@@ -228,8 +222,8 @@ def ot_target_set(
     x,
     x_init,
     eps=ot.eps,
-    alpha=alpha,
-    steps=steps_,
+    alpha=ot.alpha,
+    steps=ot.ascent_steps,
     sinkhorn_config=ot.sinkhorn,
     weights=weights,
   )
@@ -274,11 +268,11 @@ def training_target_set(
   training: str,
 ) -> tuple[jax.Array | None, dict]:
   """The target set of a training update from the current `params` (None for 'clean')."""
-  k, alpha = spec.ot.ascent_steps, spec.ot.alpha
   if training == "ot":
     x_init = initial_perturbed_set(keys, x, spec=spec)
-    return ot_target_set(params, x, x_init, model=model, spec=spec, steps_=k, alpha=alpha)
+    return ot_target_set(params, x, x_init, model=model, spec=spec)
   if training == "pgd":
+    k, alpha = spec.ot.ascent_steps, spec.ot.alpha
     x_init = random_starts(keys, x, kind="uniform", eps=spec.ot.eps)
     return pgd_set(params, x, targets, x_init, model=model, spec=spec, steps_=k, alpha=alpha), {}
   return None, {}
@@ -364,12 +358,8 @@ def bound_train_step(
 ):
   """`perturbation_train_step` with its settings bound: `step(train_state, batch, rng)`.
 
-  Args:
-    model: detector or classifier.
-    tx: optimizer.
-    spec: static settings.
-    training: 'clean', 'ot' or 'pgd'.
-    initial_set: 'fixed' or 'redraw'.
+  `model`, `tx`, `spec`, `training` and `initial_set` are `perturbation_train_step`'s keyword
+  arguments of the same names.
 
   Returns:
     The step function, ready for `jax.jit` or `parallel.compile_train_step`.
@@ -417,6 +407,17 @@ def group_weights(valid: jax.Array, group_size: int) -> jax.Array:
   return jnp.where(jnp.any(valid, axis=1, keepdims=True), valid, True).astype(jnp.float32)
 
 
+def attack_spec(spec: Spec) -> Spec:
+  """`spec` of the evaluation OT attack: `attack_steps` ascent steps of size `attack_alpha`.
+
+  The evaluation attack is always step 5's ascent (also when training uses candidates).
+  """
+  ot = dataclasses.replace(
+    spec.ot, target_set="ascent", ascent_steps=spec.ot.attack_steps, alpha=spec.ot.attack_alpha
+  )
+  return dataclasses.replace(spec, ot=ot)
+
+
 def ot_attack_images(
   params: Any, x: jax.Array, x_init: jax.Array, valid: jax.Array, *, model: Any, spec: Spec
 ) -> tuple[jax.Array, jax.Array]:
@@ -433,14 +434,10 @@ def ot_attack_images(
       f"attack.ot_group_size={g}"
     )
   groups = (x.shape[0] // g, g) + x.shape[1:]
-  k, alpha = spec.ot.attack_steps, spec.ot.attack_alpha
-  # The evaluation OT attack is always step 5's ascent (also when training uses candidates).
-  ascent = dataclasses.replace(spec, ot=dataclasses.replace(spec.ot, target_set="ascent"))
+  attack = attack_spec(spec)
 
   def one(xc, xi, w):
-    x_t, aux = ot_target_set(
-      params, xc, xi, model=model, spec=ascent, steps_=k, alpha=alpha, weights=w
-    )
+    x_t, aux = ot_target_set(params, xc, xi, model=model, spec=attack, weights=w)
     return x_t, aux["ot_finite"]
 
   x_t, finite = jax.vmap(one)(x.reshape(groups), x_init.reshape(groups), group_weights(valid, g))

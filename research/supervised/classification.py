@@ -8,6 +8,7 @@ one phase with `fit`, evaluate with `predict`, record the numbers as `Results`, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ml_collections
@@ -22,7 +23,7 @@ from research.models.resnet import ResNet
 from research.study import figures, tables
 from research.study.results import Results
 from research.supervised import common
-from research.training import fit, predict, steps
+from research.training import fit, steps
 from research.training.settings import TrainSettings
 
 EXPERIMENT = "supervised_classification"
@@ -45,11 +46,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> ResNet:
   m = config.model
   return ResNet(
     num_classes,
-    tuple(m.stage_sizes),
-    tuple(m.widths),
-    m.embedding_dim,
-    m.stem_strides,
-    **resnet.model_options(config),
+    embedding_dim=m.embedding_dim,
+    stem_strides=m.stem_strides,
+    **resnet.backbone_options(config),
   )
 
 
@@ -80,21 +79,14 @@ def train_classifier(
   return model, result
 
 
-def evaluate_classifier(
-  model: ResNet, params: Any, arrays: dict, num_classes: int, batch_size: int, run: fit.Run
-) -> predict.Predictions:
-  """Confusion matrix (`totals`), predictions and embeddings (`per_example`) of a split."""
-  return common.predict_confusion(
-    steps.classification_eval_step,
-    model,
-    params,
-    arrays,
-    num_classes,
-    batch_size,
-    run,
-    ("image", "label"),
-    ("predictions", "embedding"),
-  )
+evaluate_classifier = functools.partial(
+  common.predict_confusion,
+  steps.classification_eval_step,
+  keys=("image", "label"),
+  collect=("predictions", "embedding"),
+)
+"""`evaluate_classifier(model, params, arrays, num_classes, batch_size, run)`: the confusion
+matrix (`totals`), predictions and embeddings (`per_example`) of a split."""
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

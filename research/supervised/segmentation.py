@@ -11,7 +11,7 @@ predictions) are arrays rather than numbers: they are saved beside `results.json
 
 from __future__ import annotations
 
-from typing import Any
+import functools
 
 import ml_collections
 import numpy as np
@@ -26,7 +26,7 @@ from research.models.resnet import Segmenter
 from research.study import figures, tables
 from research.study.results import Results, load_arrays, save_arrays
 from research.supervised import common
-from research.training import fit, predict, steps
+from research.training import fit, steps
 from research.training.settings import TrainSettings
 
 EXPERIMENT = "supervised_segmentation"
@@ -54,13 +54,8 @@ def validate(config: ml_collections.ConfigDict) -> TrainSettings:
 
 def build_segmenter(config: ml_collections.ConfigDict, num_classes: int) -> Segmenter:
   """The `Segmenter` of `config.model` (`model.backbone`, default 'small'; `model.dtype`)."""
-  m = config.model
   return Segmenter(
-    num_classes,
-    tuple(m.stage_sizes),
-    tuple(m.widths),
-    m.decoder_width,
-    **resnet.model_options(config),
+    num_classes, decoder_width=config.model.decoder_width, **resnet.backbone_options(config)
   )
 
 
@@ -87,21 +82,14 @@ def train_segmenter(
   return model, result
 
 
-def evaluate_segmenter(
-  model: Segmenter, params: Any, arrays: dict, num_classes: int, batch_size: int, run: fit.Run
-) -> predict.Predictions:
-  """Confusion counts (`totals`, [K, K]) and label maps (`per_example`, [N, H, W]) of a split."""
-  return common.predict_confusion(
-    steps.segmentation_eval_step,
-    model,
-    params,
-    arrays,
-    num_classes,
-    batch_size,
-    run,
-    ("image", "semantic"),
-    ("predictions",),
-  )
+evaluate_segmenter = functools.partial(
+  common.predict_confusion,
+  steps.segmentation_eval_step,
+  keys=("image", "semantic"),
+  collect=("predictions",),
+)
+"""`evaluate_segmenter(model, params, arrays, num_classes, batch_size, run)`: the confusion
+counts (`totals`, [K, K]) and label maps (`per_example`, [N, H, W]) of a split."""
 
 
 def position_prior_confusion(

@@ -61,7 +61,7 @@ class Run:
     fingerprint: saved with every checkpoint and compared on restore (`config_fingerprint`).
   """
 
-  workdir: str
+  workdir: epath.PathLike
   mesh: Mesh
   writer: MetricWriter
   started: float
@@ -82,11 +82,11 @@ class Run:
     return time.perf_counter() - self.started
 
 
-def start_run(workdir: str, config: Any = None) -> Run:
+def start_run(workdir: epath.PathLike, config: Any = None) -> Run:
   """Creates the workdir and the run context over all devices.
 
   Args:
-    workdir: the run's output directory.
+    workdir: the run's output directory (any `etils.epath` location, e.g. `gs://...`).
     config: the experiment's ConfigDict; its model and optimizer blocks fingerprint every
       checkpoint (`config_fingerprint`). None: checkpoints carry only their phase name.
   """
@@ -138,6 +138,16 @@ class Phase:
   log_every: int
   checkpoint_every: int
   examples_per_step: int
+
+  def loop_options(self) -> dict[str, Any]:
+    """The keyword arguments of `loop.train_loop` that this phase sets."""
+    return dict(
+      num_steps=self.steps,
+      checkpoint_every=self.checkpoint_every,
+      log_every=self.log_every,
+      examples_per_step=self.examples_per_step,
+      name=self.name,
+    )
 
   @classmethod
   def from_train_config(cls, name: str, train: Any, examples_per_step: int | None = None):
@@ -217,17 +227,14 @@ def fit(
       step_fn,
       batch_fn,
       rng,
-      num_steps=phase.steps,
       checkpointer=checkpointer,
-      checkpoint_every=phase.checkpoint_every,
-      log_every=phase.log_every,
       writer=run.writer,
-      examples_per_step=phase.examples_per_step,
-      name=phase.name,
       extras_fn=extras_fn,
       on_step_end=on_step_end,
       should_stop=should_stop,
+      **phase.loop_options(),
     )
   finally:
     checkpointer.close()
+    run.writer.flush()  # a workdir that is not local may hold metrics not yet written
   return FitResult(end.state, end.steps, end.stop_reason, extras)

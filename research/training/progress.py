@@ -1,20 +1,23 @@
-"""Metrics as JSON lines and TensorBoard scalars in the workdir; progress lines with rate, ETA."""
+"""Metrics as JSON lines and TensorBoard scalars in the workdir; progress lines with rate, ETA.
+
+The workdir may be any `etils.epath` location: a local folder, or an object store (`gs://`)
+where files cannot be appended to (see `research.training.tensorboard.AppendFile`).
+"""
 
 from __future__ import annotations
 
 import datetime
-import glob
 import json
 import logging as pylogging
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 
-from research.training.tensorboard import EventWriter
+from research.training.tensorboard import EventWriter, append_file
 
 _TENSORBOARD_DEFAULT = True
 
@@ -53,8 +56,15 @@ class MetricWriter:
   The scalars go to event files in `<workdir>/tb/` (several writers, phases or resumed runs
   in one workdir share the folder; see `research.training.tensorboard`).
 
+  A local JSON-lines file is appended to at each `write`, as it always was: a resumed run
+  adds its lines after the old ones (lines of steps it runs again stand twice, the later ones
+  last). On an object store (`gs://`), which cannot append, the file's old lines are read at
+  the first `write` and kept in memory with the new ones, and the whole file is written again
+  (at most every `tensorboard.REWRITE_EVERY_S` seconds; `flush`, `close` and the exit of the
+  process write what is pending): the file reads the same as a local one.
+
   Args:
-    workdir: the run's output directory.
+    workdir: the run's output directory (any `etils.epath` location).
     name: the JSON-lines file's name without `.jsonl`.
     tensorboard: write TensorBoard event files too; None: the module default
       (`set_tensorboard_default`, on unless turned off).
@@ -64,16 +74,17 @@ class MetricWriter:
 
   def __init__(
     self,
-    workdir: str,
+    workdir: epath.PathLike,
     name: str = "metrics",
     tensorboard: bool | None = None,
     primary: bool = True,
   ):
-    self.path = os.path.join(workdir, f"{name}.jsonl") if primary else None
+    self.path = epath.Path(workdir) / f"{name}.jsonl" if primary else None
+    self._lines = append_file(self.path) if primary else None
     use_tb = primary and (_TENSORBOARD_DEFAULT if tensorboard is None else tensorboard)
-    self.events = EventWriter(os.path.join(workdir, "tb")) if use_tb else None
+    self.events = EventWriter(epath.Path(workdir) / "tb") if use_tb else None
     if primary:
-      os.makedirs(workdir, exist_ok=True)
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
   def write(self, step: int, metrics: dict[str, Any], **tags: Any) -> None:
     """Writes `{"step": step, **tags, **metrics}` as one line, and the numbers as scalars.
@@ -82,36 +93,42 @@ class MetricWriter:
     (`train/loss` for `write(step, {"loss": ...}, phase="train")`); lists are left out of
     TensorBoard (they stay in the JSON line).
     """
-    if self.path is None:
+    if self._lines is None:
       return
     values = _to_python(metrics)
     record = {"step": int(step), **tags, **values}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    self._lines.append((json.dumps(record) + "\n").encode())
     if self.events is not None:
       prefix = "".join(f"{v}/" for v in tags.values())
       self.events.scalars(step, _scalars(values, prefix))
 
-  def write_image(self, tag: str, png_path: str, step: int) -> None:
+  def write_image(self, tag: str, png_path: epath.PathLike, step: int) -> None:
     """Adds the PNG file at `png_path` to TensorBoard as the image `tag` (no-op when off)."""
     if self.events is not None:
       self.events.image(tag, png_path, step)
 
-  def write_images(self, directory: str, step: int) -> None:
+  def write_images(self, directory: epath.PathLike, step: int) -> None:
     """Adds every `*.png` in `directory` (the run's `plots/`) as the image `plots/<stem>`."""
-    for path in sorted(glob.glob(os.path.join(directory, "*.png"))):
-      self.write_image(f"plots/{os.path.splitext(os.path.basename(path))[0]}", path, step)
+    for path in sorted(epath.Path(directory).glob("*.png")):
+      self.write_image(f"plots/{path.stem}", path, step)
+
+  def flush(self) -> None:
+    """Writes what is pending (a local workdir has nothing pending: every write is on disk)."""
+    if self._lines is not None:
+      self._lines.flush()
+    if self.events is not None:
+      self.events.flush()
 
   def close(self) -> None:
-    """Closes the event file (every write is already on disk; JSON lines need no closing)."""
+    """Writes what is pending and releases the event file."""
+    self.flush()
     if self.events is not None:
       self.events.close()
 
 
-def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All records of a JSON-lines metrics file."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path: epath.PathLike) -> list[dict[str, Any]]:
+  """All records of a JSON-lines metrics file (any `etils.epath` location)."""
+  return [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line.strip()]
 
 
 class Progress:

@@ -4,7 +4,7 @@ Implements METHODS.md M1 (patent seed 000, "训练样本生成方法"):
 
 1. ``partial_targeted_labels``: pixels of a configured ``src`` class take the wrong label
    ``tgt`` (step 1).
-2. ``weighted_pixel_loss`` / ``per_sample_weighted_loss``: ``L_adv = w * L`` with ``w_t`` on
+2. ``weighted_pixel_loss`` (batch mean or per sample): ``L_adv = w * L`` with ``w_t`` on
    targeted pixels and ``w_c`` on the others (step 2).
 3. ``random_start``, ``fgsm_round``, ``iterative_fgsm``: the iterative fast-gradient step with
    the input-amplitude control ``Clip_xi`` (step 3).
@@ -301,11 +301,15 @@ def weighted_pixel_loss(
   w_t: float = 1.0,
   w_c: float = 1.0,
   ignore_label: int = 255,
+  *,
+  per_sample: bool = False,
 ) -> jax.Array:
   """``L_adv = w * L``, the mean over valid pixels of the batch (METHODS.md M1 step 2).
 
   The mean is over *pixels*, as METHODS.md fixes it: ``sum(w * CE) / #valid pixels``, not
-  ``sum(w * CE) / sum(w)``; so ``w_t = 2, w_c = 2`` doubles the loss.
+  ``sum(w * CE) / sum(w)``; so ``w_t = 2, w_c = 2`` doubles the loss. With ``per_sample`` each
+  sample's loss is the mean over its own valid pixels (the attack's gradient uses their sum,
+  so every image's step is independent of the others in its batch).
 
   Args:
     logits: ``[B, H, W, K]``.
@@ -314,41 +318,16 @@ def weighted_pixel_loss(
     w_t: static loss weight of targeted pixels, >= 0.
     w_c: static loss weight of the other pixels, >= 0.
     ignore_label: static label value excluded from the loss and the pixel count.
+    per_sample: static; return one loss per sample instead of the batch mean.
 
   Returns:
-    Scalar loss (0 when no pixel is valid).
+    Scalar loss, or ``[B]`` with ``per_sample`` (0 where no pixel is valid).
   """
   pixel_loss, valid = _weighted_pixel_ce(
     logits, mixed_labels, targeted_mask, w_t, w_c, ignore_label
   )
-  return jnp.sum(pixel_loss) / jnp.maximum(jnp.sum(valid), 1)
-
-
-def per_sample_weighted_loss(
-  logits: jax.Array,
-  mixed_labels: jax.Array,
-  targeted_mask: jax.Array,
-  w_t: float = 1.0,
-  w_c: float = 1.0,
-  ignore_label: int = 255,
-) -> jax.Array:
-  """``L_adv`` per sample: mean over that sample's valid pixels (METHODS.md M1 step 2).
-
-  Args:
-    logits: ``[B, H, W, K]``.
-    mixed_labels: ``[B, H, W]`` int.
-    targeted_mask: ``[B, H, W]`` bool.
-    w_t: static loss weight of targeted pixels, >= 0.
-    w_c: static loss weight of the other pixels, >= 0.
-    ignore_label: static label value excluded from the loss and the pixel count.
-
-  Returns:
-    ``[B]`` losses (0 for a sample without valid pixels).
-  """
-  pixel_loss, valid = _weighted_pixel_ce(
-    logits, mixed_labels, targeted_mask, w_t, w_c, ignore_label
-  )
-  return jnp.sum(pixel_loss, axis=(1, 2)) / jnp.maximum(jnp.sum(valid, axis=(1, 2)), 1)
+  axes = (1, 2) if per_sample else None
+  return jnp.sum(pixel_loss, axis=axes) / jnp.maximum(jnp.sum(valid, axis=axes), 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,8 +403,8 @@ def adversarial_loss_grad(
 
   def total_loss(images):
     return jnp.sum(
-      per_sample_weighted_loss(
-        logits_fn(images), mixed_labels, targeted_mask, w_t, w_c, ignore_label
+      weighted_pixel_loss(
+        logits_fn(images), mixed_labels, targeted_mask, w_t, w_c, ignore_label, per_sample=True
       )
     )
 
@@ -951,18 +930,11 @@ def universal_perturbation_pmap(
   """``universal_perturbation_sharded`` with ``jax.pmap`` over ``[n_dev, n_local, ...]`` shards.
 
   The same draws, padding and per-device body (``attack_device_body``); the result equals the
-  ``shard_map`` driver's. One compiled function per ``(apply_fn, config, weight_mode)``.
+  ``shard_map`` driver's. One compiled function per ``(apply_fn, config, weight_mode)``, so
+  ``apply_fn`` must be hashable (reuse one per model).
 
-  Args:
-    apply_fn: ``apply_fn(params, images) -> logits`` (hashable; reuse one per model).
-    params: model parameters.
-    rng: PRNG key.
-    x: ``[N, H, W, C]`` images in [0, 1].
-    labels: ``[N, H, W]`` int true labels.
-    pairs: ``[P, 2]`` int confusable pairs.
-    config: ``AttackConfig``.
-    weight_mode: one of ``WEIGHT_MODES``.
-    num_devices: local devices to use (default: all).
+  The arguments are those of ``universal_perturbation_sharded``, with ``num_devices`` (the local
+  devices to use, default all) in place of its ``mesh``.
 
   Returns:
     ``DatasetPerturbation(r_d [H, W, C], success [N], weights [N])``.

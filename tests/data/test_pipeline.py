@@ -125,11 +125,9 @@ def test_eval_batches_match_padded_batches(batch_size, process_count):
   hosts = [
     list(
       pipeline.eval_batches(
-        pipeline.ArraySource(arrays),
-        batch_size,
-        transforms.Select(keys),
-        process_index=p,
-        process_count=process_count,
+        pipeline.EvalBatches(
+          pipeline.ArraySource(arrays), batch_size, transforms.Select(keys), p, process_count
+        )
       )
     )
     for p in range(process_count)

@@ -42,6 +42,24 @@ def apply_np(model, params, images):
   return {k: np.asarray(v) for k, v in out.items()}
 
 
+LAMBDA_CE, LAMBDA_TRI = 0.7, 1.3
+
+
+def dual_loss(params, batch, model, head_classes, margin):
+  """`arms.dual_loss_fn` with weights `LAMBDA_CE` and `LAMBDA_TRI`, batch-hard mining, key 0."""
+  return arms.dual_loss_fn(
+    params,
+    batch,
+    jax.random.key(0),
+    model=model,
+    head_classes=head_classes,
+    lambda_ce=LAMBDA_CE,
+    lambda_tri=LAMBDA_TRI,
+    mining="batch_hard",
+    margin=margin,
+  )
+
+
 def test_dual_loss_fn_matches_bruteforce():
   model, params, images, rs = tiny_setup(batch=8, num_classes=5)
   head_classes = np.array([0, 2, 3])
@@ -53,21 +71,11 @@ def test_dual_loss_fn_matches_bruteforce():
     "pk_image": images[::-1],
     "pk_label": pk_labels,
   }
-  loss, metrics = arms.dual_loss_fn(
-    params,
-    batch,
-    jax.random.key(0),
-    model=model,
-    head_classes=head_classes,
-    lambda_ce=0.7,
-    lambda_tri=1.3,
-    mining="batch_hard",
-    margin=0.2,
-  )
+  loss, metrics = dual_loss(params, batch, model, head_classes, margin=0.2)
   head_logits = apply_np(model, params, images)["logits"][:, head_classes]
   pk_emb = apply_np(model, params, images[::-1])["embedding"]
   ce = references.cross_entropy(head_logits, head_labels)
-  expected = 0.7 * ce + 1.3 * references.triplet_loss(pk_emb, pk_labels, 0.2)
+  expected = LAMBDA_CE * ce + LAMBDA_TRI * references.triplet_loss(pk_emb, pk_labels, 0.2)
   np.testing.assert_allclose(float(loss), expected, rtol=1e-4)
   np.testing.assert_allclose(float(metrics["ce"]), ce, rtol=1e-5)
 
@@ -175,32 +183,17 @@ def dual_grad_setup():
 
 def test_one_dual_step_sends_gradient_from_both_branches_into_the_backbone():
   model, params, batch, head_classes = dual_grad_setup()
-  lambda_ce, lambda_tri, margin = 0.7, 1.3, 5.0  # a large margin keeps every anchor active
-
-  def joint(p):
-    loss, _ = arms.dual_loss_fn(
-      p,
-      batch,
-      jax.random.key(0),
-      model=model,
-      head_classes=head_classes,
-      lambda_ce=lambda_ce,
-      lambda_tri=lambda_tri,
-      mining="batch_hard",
-      margin=margin,
-    )
-    return loss
-
-  g_joint = jax.grad(joint)(params)
+  margin = 5.0  # a large margin keeps every anchor active
+  g_joint = jax.grad(lambda p: dual_loss(p, batch, model, head_classes, margin)[0])(params)
   g_ce = jax.grad(
     lambda p: (
-      lambda_ce
+      LAMBDA_CE
       * _reference_head_ce(p, model, batch["head_image"], batch["head_label"], head_classes)
     )
   )(params)
   g_tri = jax.grad(
     lambda p: (
-      lambda_tri * _reference_batch_hard(p, model, batch["pk_image"], batch["pk_label"], margin)
+      LAMBDA_TRI * _reference_batch_hard(p, model, batch["pk_image"], batch["pk_label"], margin)
     )
   )(params)
   # Each branch alone moves the shared backbone (every backbone layer, not just one).

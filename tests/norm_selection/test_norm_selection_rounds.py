@@ -64,6 +64,22 @@ def run_observed(state, model, norms, m=4, **kwargs):
   return final, params, [*completed, final]
 
 
+def run_fresh(labels, select_fn, max_rounds, predict_fn=None):
+  """`max_rounds` rounds of `select_fn` from the initial state, trained by a new `FakeModel`.
+
+  `predict_fn` replaces the model's own when given. Returns `(final state, model)`.
+  """
+  model = FakeModel(labels)
+  final, _ = rounds.run_selection_loop(
+    rounds.initial_state(labels),
+    select_fn=select_fn,
+    train_fn=model.train,
+    predict_fn=model.predict if predict_fn is None else predict_fn,
+    stop_kwargs={"max_rounds": max_rounds},
+  )
+  return final, model
+
+
 def assert_states_equal(a, b):
   for field in dataclasses.fields(rounds.SelectionState):
     x, y = getattr(a, field.name), getattr(b, field.name)
@@ -109,20 +125,13 @@ def test_loop_invariants_every_round():
 
 def test_each_round_draws_the_rule_on_the_current_pool():
   labels, norms = problem(1)
-  model = FakeModel(labels)
   before = []
 
   def select_fn(state, params):
     before.append(state.remaining.copy())
     return core.select_per_class(norms, state.groups, state.remaining, 4)
 
-  state, _ = rounds.run_selection_loop(
-    rounds.initial_state(labels),
-    select_fn=select_fn,
-    train_fn=model.train,
-    predict_fn=model.predict,
-    stop_kwargs={"max_rounds": 3},
-  )
+  state, model = run_fresh(labels, select_fn, max_rounds=3)
   start = 0
   for remaining, (train, _) in zip(before, model.train_calls, strict=True):
     drawn = train[start:]
@@ -459,7 +468,6 @@ def test_norm_draws_use_the_class_mean_over_the_original_set_or_the_pool(mean_ov
     return np.where(right, labels[indices], (labels[indices] + 1) % NUM_CLASSES)
 
   def loop(rule):
-    model = FakeModel(labels)
     expected = []
 
     def select_fn(state, params):
@@ -467,13 +475,7 @@ def test_norm_draws_use_the_class_mean_over_the_original_set_or_the_pool(mean_ov
       expected.append(core.select_per_class(norms, labels, state.remaining, 4, mean_mask=mean_mask))
       return rounds.norm_select_fn(norms, 4, mean_over=rule)(state, params)
 
-    final, _ = rounds.run_selection_loop(
-      rounds.initial_state(labels),
-      select_fn=select_fn,
-      train_fn=model.train,
-      predict_fn=predict,
-      stop_kwargs={"max_rounds": 3},
-    )
+    final, model = run_fresh(labels, select_fn, max_rounds=3, predict_fn=predict)
     start = 0
     for want, (train, _) in zip(expected, model.train_calls, strict=True):
       np.testing.assert_array_equal(train[start:], want)
@@ -492,15 +494,7 @@ def test_random_draw_loop_is_the_same_loop_with_random_draws():
   labels, norms = problem(5)
 
   def loop(select_fn):
-    model = FakeModel(labels)
-    final, _ = rounds.run_selection_loop(
-      rounds.initial_state(labels),
-      select_fn=select_fn,
-      train_fn=model.train,
-      predict_fn=model.predict,
-      stop_kwargs={"max_rounds": 4},
-    )
-    return final, model
+    return run_fresh(labels, select_fn, max_rounds=4)
 
   key = jax.random.key(3)
   final, model = loop(rounds.draw_select_fn("random", norms=norms, m=4, rng=key))

@@ -327,13 +327,23 @@ def _toy_features_fn():
   return features_fn
 
 
-def test_ot_attack_stays_in_bounds_and_increases_distance(rng):
+def _toy_ot_attack(rng, seed, alpha, steps):
+  """Jitted `ot_attack` on the toy features from a start within `EPS` of a random set.
+
+  Returns:
+    `(features_fn, x, x_init, x_adv, aux)`.
+  """
   features_fn = _toy_features_fn()
-  x = jax.random.uniform(jax.random.key(3), (4, 4, 4, 3))
+  x = jax.random.uniform(jax.random.key(seed), (4, 4, 4, 3))
   x_init = _perturb(rng, x, eps=EPS)
   x_adv, aux = jax.jit(
-    lambda x, x0: core.ot_attack(features_fn, x, x0, eps=EPS, alpha=EPS / 4, steps=6)
+    lambda x, x0: core.ot_attack(features_fn, x, x0, eps=EPS, alpha=alpha, steps=steps)
   )(x, x_init)
+  return features_fn, x, x_init, x_adv, aux
+
+
+def test_ot_attack_stays_in_bounds_and_increases_distance(rng):
+  features_fn, x, _, x_adv, aux = _toy_ot_attack(rng, 3, alpha=EPS / 4, steps=6)
   chex.assert_shape(x_adv, x.shape)
   chex.assert_shape(aux["distances"], (7,))
   assert float(jnp.max(jnp.abs(x_adv - x))) <= EPS + 1e-6
@@ -347,12 +357,7 @@ def test_ot_attack_stays_in_bounds_and_increases_distance(rng):
 
 
 def test_ot_attack_one_step_is_a_projected_signed_gradient_step(rng):
-  features_fn = _toy_features_fn()
-  x = jax.random.uniform(jax.random.key(4), (4, 4, 4, 3))
-  x_init = _perturb(rng, x, eps=EPS)
-  x_adv, _ = jax.jit(
-    lambda x, x0: core.ot_attack(features_fn, x, x0, eps=EPS, alpha=EPS / 2, steps=1)
-  )(x, x_init)
+  features_fn, x, x_init, x_adv, _ = _toy_ot_attack(rng, 4, alpha=EPS / 2, steps=1)
   f_clean = features_fn(x)
   grad = jax.jit(jax.grad(lambda xp: _fmd(f_clean, features_fn(xp))[0]))(x_init)
   expected = np.clip(

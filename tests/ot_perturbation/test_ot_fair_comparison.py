@@ -271,22 +271,9 @@ def test_convergence_batch_larger_than_the_training_set_raises():
     experiment.load_data(config, settings)
 
 
-@pytest.mark.parametrize(
-  "field, value, match",
-  [
-    ("ot.initial_set", "sometimes", "config.ot.initial_set='sometimes'"),
-    ("attack.ot_group_size", 3, "config.attack.ot_group_size=3"),
-    ("attack.ot_group_size", 0, "config.attack.ot_group_size=0"),
-    ("train.convergence_batch_size", 0, "config.train.convergence_batch_size=0"),
-    ("trainings", ("ot", "ot"), "each arm may appear once"),
-  ],
-)
-def test_bad_comparison_settings_raise(field, value, match):
-  config = ot_perturbation_street.get_config("smoke")
-  section, _, name = field.rpartition(".")
-  (config[section] if section else config)[name] = value
-  with pytest.raises(config_checks.ConfigError, match=match):
-    Settings.from_config(config)
+# The bad values of the comparison settings (ot.initial_set, attack.ot_group_size,
+# train.convergence_batch_size, repeated arms) are among test_ot_perturbation_experiment.py's
+# test_bad_config_values_raise.
 
 
 def test_redraw_arm_needs_the_fixed_initial_set():

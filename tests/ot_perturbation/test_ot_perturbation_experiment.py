@@ -186,6 +186,12 @@ def test_logit_vectors_of_the_detector_are_flattened_heatmaps(rng):
     ("num_seeds", 0, "config.num_seeds"),
     ("train.eval_batch_size", 0, "config.train.eval_batch_size"),
     ("trainings", ("clean", "ot", "adversarial"), "config.trainings"),
+    # The comparison rules (test_ot_fair_comparison.py).
+    ("ot.initial_set", "sometimes", "config.ot.initial_set='sometimes'"),
+    ("attack.ot_group_size", 3, "config.attack.ot_group_size=3"),
+    ("attack.ot_group_size", 0, "config.attack.ot_group_size=0"),
+    ("train.convergence_batch_size", 0, "config.train.convergence_batch_size=0"),
+    ("trainings", ("ot", "ot"), "each arm may appear once"),
   ],
 )
 def test_bad_config_values_raise(field, value, match):

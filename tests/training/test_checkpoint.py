@@ -164,3 +164,9 @@ def test_clear_checkpoints_deletes_only_checkpoint_folders(tmp_path):
     str(tmp_path / "train_checkpoints"),
   ]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "plots", "seed_1"]
+
+
+def test_orbax_directory_keeps_a_bucket_path_and_makes_a_local_one_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert str(checkpoint.orbax_directory("gs://bucket/run/phase")) == "gs://bucket/run/phase"
+  assert checkpoint.orbax_directory("run/phase") == tmp_path / "run" / "phase"

@@ -196,7 +196,7 @@ def test_weighted_pixel_loss_matches_numpy_loop(rng, w_t, w_c):
   np.testing.assert_allclose(
     jitted(core.weighted_pixel_loss, **weights)(*args), ref_mean, rtol=1e-5
   )
-  per_sample = jitted(core.per_sample_weighted_loss, **weights)(*args)
+  per_sample = jitted(core.weighted_pixel_loss, **weights, per_sample=True)(*args)
   np.testing.assert_allclose(per_sample, ref_per_sample, rtol=1e-5)
 
 

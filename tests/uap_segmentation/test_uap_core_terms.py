@@ -94,15 +94,14 @@ def test_iterative_fgsm_with_in_round_noise_matches_numpy(rng, eps_round):
   params = make_params(3)
   x, labels = random_batch(3)
   mixed, mask = core.partial_targeted_labels(None, jnp.asarray(labels), PAIRS)
-  mixed, mask = np.asarray(mixed), np.asarray(mask)
   keys = core.round_keys(rng, len(x))
   alpha, xi, rounds = 0.01, 0.05, 3
   got = core.iterative_fgsm(
     functools.partial(linear_apply, params),
     jnp.asarray(x),
     jnp.zeros_like(x),
-    jnp.asarray(mixed),
-    jnp.asarray(mask),
+    mixed,
+    mask,
     rounds=rounds,
     alpha=alpha,
     xi=xi,
@@ -111,6 +110,7 @@ def test_iterative_fgsm_with_in_round_noise_matches_numpy(rng, eps_round):
     eps_round=eps_round,
     keys=keys,
   )
+  mixed, mask = np.asarray(mixed), np.asarray(mask)  # for the numpy reference
   r = np.zeros(x.shape)
   for i in range(rounds):
     noise = np.asarray(core.round_noise(keys, i, x.shape[1:], jnp.float32), np.float64)
