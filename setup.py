@@ -37,6 +37,7 @@ EXTRAS_REQUIRE = {
         "ipykernel>=6.29,<8",
         "tensorboard>=2.16,<3",  # its EventAccumulator reads our event files back (no TF)
         "fsspec>=2024.2",  # an in-memory bucket for the any-workdir tests
+        "filelock>=3.12",  # JAX needs it to cap the tests' shared compilation cache
     ],
     "gcs": ["gcsfs>=2024.2"],  # gs:// workdirs through etils.epath without TensorFlow
     "notebooks": ["jupyter", "ipykernel>=6.29,<8"],

@@ -265,38 +265,6 @@ def hungarian_match(
   return query_index_for_target, assigned & target_valid
 
 
-def match_targets(
-  class_logits: jax.Array,
-  mask_logits: jax.Array,
-  target_classes: jax.Array,
-  target_masks: jax.Array,
-  target_valid: jax.Array,
-  *,
-  w_class: float = 2.0,
-  w_bce: float = 5.0,
-  w_dice: float = 5.0,
-  solver: str = "auto",
-) -> tuple[jax.Array, jax.Array]:
-  """`hungarian_match(matching_cost(...))` for one image; `jax.vmap` it for a batch.
-
-  The arguments are those of `matching_cost`, and `solver` is that of `hungarian_match`.
-
-  Returns:
-    `query_index_for_target` `[T]` int32 and `matched_mask` `[T]` bool.
-  """
-  cost = matching_cost(
-    class_logits,
-    mask_logits,
-    target_classes,
-    target_masks,
-    target_valid,
-    w_class=w_class,
-    w_bce=w_bce,
-    w_dice=w_dice,
-  )
-  return hungarian_match(cost, target_valid, solver=solver)
-
-
 def query_class_targets(
   query_index_for_target: jax.Array,
   matched_mask: jax.Array,
@@ -440,9 +408,8 @@ def set_criterion_loss(
     and `loss`.
   """
   _check_non_negative(w_class=w_class, w_bce=w_bce, w_dice=w_dice)
-  match_image = functools.partial(
-    match_targets, w_class=w_class, w_bce=w_bce, w_dice=w_dice, solver=resolve_solver(solver)
-  )
+  image_cost = functools.partial(matching_cost, w_class=w_class, w_bce=w_bce, w_dice=w_dice)
+  match_image = functools.partial(hungarian_match, solver=resolve_solver(solver))
   classes_for_queries = functools.partial(
     query_class_targets,
     num_queries=class_logits.shape[-2],
@@ -450,9 +417,10 @@ def set_criterion_loss(
   )
 
   def layer_losses(layer_class_logits, layer_mask_logits):
-    query_index, matched = jax.vmap(match_image)(
+    cost = jax.vmap(image_cost)(
       layer_class_logits, layer_mask_logits, target_classes, target_masks, target_valid
     )
+    query_index, matched = jax.vmap(match_image)(cost, target_valid)
     query_classes = jax.vmap(classes_for_queries)(query_index, matched, target_classes)
     loss_class = classification_loss(
       layer_class_logits, query_classes, no_object_weight=no_object_weight
